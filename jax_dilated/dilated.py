@@ -84,7 +84,7 @@ def _standard_branch(q, k, v, key_padding_mask, br: Branch, **kw):
     valid = None
     if key_padding_mask is not None:
         valid = ~key_padding_mask[:, pos].reshape(b * (n // br.segment), m)
-    o, l = attend(gather(q), gather(k), gather(v), kv_valid=valid, **kw)
+    o, l = attend(gather(q), gather(k), gather(v), kv_valid=valid, chunked=False, **kw)
     o = o.reshape(b, -1, len(heads), d)
     l = l.reshape(b, -1, len(heads))
     out = jnp.zeros((b, n, len(heads), d), o.dtype).at[:, pos].set(o)

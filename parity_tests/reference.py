@@ -20,19 +20,18 @@ def kept_positions(n: int, segment: int, rate: int, offset: int) -> np.ndarray:
 
 
 def masked_softmax_attention(q, k, v, allowed, scale):
-    """Dense attention of one head. q,k,v ``(n, d)``, allowed ``(n, n)`` bool -> (out ``(n, d)``, lse ``(n,)``)."""
-    n = q.shape[0]
-    out = np.zeros_like(q)
-    lse = np.full(n, -np.inf)
-    for p in range(n):
-        keys = np.nonzero(allowed[p])[0]
-        if keys.size == 0:
-            continue
-        s = scale * (k[keys] @ q[p])
-        top = s.max()
-        w = np.exp(s - top)
-        out[p] = (w / w.sum()) @ v[keys]
-        lse[p] = top + np.log(w.sum())
+    """Dense attention of one head. q,k,v ``(n, d)``, allowed ``(n, n)`` bool -> (out ``(n, d)``, lse ``(n,)``).
+
+    A row with no allowed key gives out 0 and lse -inf.
+    """
+    s = np.where(allowed, scale * (q @ k.T), -np.inf)
+    has_key = allowed.any(axis=1)
+    top = np.where(has_key, s.max(axis=1, initial=-np.inf), 0.0)
+    w = np.exp(s - top[:, None])  # exactly 0 where not allowed
+    total = w.sum(axis=1)
+    safe = np.where(has_key, total, 1.0)
+    out = (w / safe[:, None]) @ v
+    lse = np.where(has_key, top + np.log(safe), -np.inf)
     return out, lse
 
 

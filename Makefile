@@ -1,0 +1,26 @@
+# Two commands do all the set-up on a fresh machine (they create .venv from python3 on first use):
+#   make bench   -> the cross-framework benchmark report (CPU by default), benchmarks/results/cpu/
+#   make test    -> the whole test suite
+# TORCH_SPEC pins the CPU build of torch that lies on this machine's disk; override it elsewhere,
+# e.g. `make test TORCH_SPEC=torch` on a machine with a CUDA build you want.
+
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+BENCH_ARGS ?=
+TEST_ARGS ?=
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install "$(TORCH_SPEC)" -e ".[dev,bench]"
+	touch $@
+
+.PHONY: install bench test
+install: $(VENV)/.installed
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n 2 --dist loadfile -q $(TEST_ARGS)
