@@ -1,0 +1,218 @@
+"""Ring dilated attention: the standard function with the sequence sharded over a mesh axis (SPEC.md 7).
+
+Every device holds one contiguous chunk of ``c = n / P`` positions of ``q``, ``k`` and ``v``. Each
+attention branch (a group's heads and offset) is handled on its own:
+
+* ``c % s == 0``: the branch's segments lie inside the chunk; the device runs the improved branch on
+  its chunk and sends nothing.
+* ``s % c == 0``: a segment covers ``m = s / c`` consecutive devices. Each device dilates its own chunk
+  (the branch keeps every ``r``-th position from the same offset, because ``c % r == 0``), then the
+  dilated key/value blocks travel ``m - 1`` hops around the ``m`` devices of the segment
+  (``lax.ppermute`` inside each segment group), merged into the queries' result with an online
+  softmax. Under ``is_causal`` a device skips (``lax.cond``) every block from a later device.
+
+Nothing is ever all-gathered: a device holds at most two key/value blocks of one branch at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jax_dilated._config import Branch, DilatedConfig, default_scale
+from jax_dilated._softmax import attend, merge_lse
+from jax_dilated.dilated import _combine, _heads_slice, _improved_branch, dilate, improved_dilated_attention, undilate
+from jax_dilated.dilated import validate
+
+Array = jax.Array
+
+
+def ring_plan(n: int, num_devices: int, cfg: DilatedConfig) -> tuple[int, tuple[int, ...]]:
+    """Check the SPEC 7 sharding constraints and return ``(chunk, devices_per_segment)``.
+
+    ``devices_per_segment[i]`` is 1 for a group whose segments fit inside a chunk (no communication)
+    and ``s_i / c`` for a group whose segments span several devices (``s_i / c - 1`` hops).
+
+    Raises:
+      ValueError: ``n % P != 0``; a segment length that neither divides the chunk nor is a multiple of
+        it; a chunk that is not a multiple of a dilation rate. The message names ``n``, ``P``, the
+        chunk and the segment.
+    """
+    p = num_devices
+    if n % p:
+        raise ValueError(
+            f"ring attention: sequence length n={n} is not divisible by P={p} devices, so there is no whole "
+            f"chunk per device (segment_lengths={cfg.segment_lengths}); use a sequence length that is a "
+            f"multiple of {p} or a mesh axis whose size divides {n}."
+        )
+    c = n // p
+    spans = []
+    for s, r in zip(cfg.segment_lengths, cfg.dilation_rates):
+        if c % s and s % c:
+            raise ValueError(
+                f"ring attention: n={n} over P={p} devices gives chunk c={c}, and segment length s={s} "
+                f"neither divides the chunk nor is a multiple of it; choose P so that every segment "
+                f"length divides c or is a multiple of c (e.g. powers of two)."
+            )
+        if c % r:
+            raise ValueError(
+                f"ring attention: n={n} over P={p} devices gives chunk c={c}, which is not a multiple of the "
+                f"dilation rate r={r} of segment s={s}; choose P so that every dilation rate divides the chunk."
+            )
+        spans.append(max(1, s // c))
+    return c, tuple(spans)
+
+
+def _merge_pair(o1: Array, l1: Array, o2: Array, l2: Array) -> tuple[Array, Array]:
+    """Online-softmax step: the output and log-sum-exp of two partial results over disjoint keys."""
+    top = jnp.maximum(l1, l2)
+    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+    total = jnp.exp(l1 - top) + jnp.exp(l2 - top)
+    lse = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + top, -jnp.inf)
+    return merge_lse([o1, o2], [l1, l2]), lse
+
+
+def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, chunk: int, span: int, num_devices: int,
+                     axis_name: str, scale: float, is_causal: bool):
+    """One branch whose segments span ``span`` devices; per-device arrays ``(b, chunk, ...)``.
+
+    A segment starts on a chunk boundary, so the branch's kept positions inside this chunk are the
+    local positions ``offset, offset + r, ...`` (``chunk % r == 0``): dilating the chunk as one segment
+    of length ``chunk`` selects exactly them, in order. Device ``j`` of a segment group holds the kept
+    positions ``[j * chunk / r, (j + 1) * chunk / r)`` of the segment.
+    """
+    b = q.shape[0]
+    local = dataclasses.replace(br, segment=chunk)
+    hs = _heads_slice(br.heads)
+    qd = dilate(q[:, :, hs], local)  # (b, chunk/r, heads_of_branch, d)
+    kv = jnp.stack([dilate(k[:, :, hs], local), dilate(v[:, :, hs], local)])  # one array: one permute per hop
+    valid = None if key_padding_mask is None else ~dilate(key_padding_mask, local)
+    out, lse = attend(qd, kv[0], kv[1], scale=scale, is_causal=is_causal, kv_valid=valid)
+    # Send to the next device of the same segment group. Without causality the blocks wrap around the
+    # group (a ring); under causality a wrapped block would only ever reach devices it lies in the future
+    # of, so the last device of a group sends nothing (a shift) and its neighbour receives zeros it skips.
+    last = span if not is_causal else span - 1
+    perm = [(g * span + j, g * span + (j + 1) % span) for g in range(num_devices // span) for j in range(last)]
+    rank = jax.lax.axis_index(axis_name) % span
+    for hop in range(1, span):
+        kv = jax.lax.ppermute(kv, axis_name, perm)
+        if valid is not None:
+            valid = jax.lax.ppermute(valid, axis_name, perm)
+
+        def step(acc, kv=kv, valid=valid):
+            o, l = attend(qd, kv[0], kv[1], scale=scale, is_causal=False, kv_valid=valid)
+            return _merge_pair(acc[0], acc[1], o, l)
+
+        if is_causal:
+            # After `hop` hops this device holds the block of device rank - hop of its group when
+            # hop <= rank (a past block), and nothing useful otherwise: skipped, not computed and masked.
+            out, lse = jax.lax.cond(hop <= rank, step, lambda acc: acc, (out, lse))
+        else:
+            out, lse = step((out, lse))
+    return undilate(out, local, b, 0.0), undilate(lse, local, b, -jnp.inf)
+
+
+def _device_body(q, k, v, key_padding_mask, *, cfg, chunk, spans, num_devices, axis_name, is_causal, scale):
+    """Per-device program: ``(b, chunk, h, d)`` in, ``(b, chunk, h, d)`` out."""
+    h = q.shape[2]
+    scale = default_scale(q.shape[3], scale)
+    branches = cfg.branches(h)
+    outs, lses = [], []
+    for br in branches:
+        span = spans[br.group]
+        if span == 1:
+            o, l = _improved_branch(q, k, v, key_padding_mask, br, scale=scale, is_causal=is_causal,
+                                    dropout_rate=0.0, dropout_rng=None)
+        else:
+            o, l = _spanning_branch(q, k, v, key_padding_mask, br, chunk=chunk, span=span,
+                                    num_devices=num_devices, axis_name=axis_name, scale=scale, is_causal=is_causal)
+        outs.append(o)
+        lses.append(l)
+    return _combine(cfg, branches, outs, lses, h).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "axis_name", "is_causal", "scale"))
+def _ring(q, k, v, key_padding_mask, *, cfg, mesh, axis_name, is_causal, scale):
+    num_devices = mesh.shape[axis_name]
+    chunk, spans = ring_plan(q.shape[1], num_devices, cfg)
+    seq = PartitionSpec(None, axis_name)
+    body = functools.partial(_device_body, cfg=cfg, chunk=chunk, spans=spans, num_devices=num_devices,
+                             axis_name=axis_name, is_causal=is_causal, scale=scale)
+    if key_padding_mask is None:
+        fn = jax.shard_map(lambda q, k, v: body(q, k, v, None), mesh=mesh, in_specs=(seq, seq, seq),
+                           out_specs=seq, check_vma=True)
+        return fn(q, k, v)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(seq, seq, seq, seq), out_specs=seq, check_vma=True)
+    return fn(q, k, v, key_padding_mask)
+
+
+def ring_dilated_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    mesh: Mesh | None = None,
+    axis_name: str = "seq",
+    is_causal: bool = False,
+    scale: float | None = None,
+    merge: str = "head_partition",
+    key_padding_mask: Array | None = None,
+) -> Array:
+    """Dilated attention with the sequence sharded over the ``axis_name`` axis of ``mesh`` (SPEC.md 7).
+
+    Computes exactly :func:`jax_dilated.dilated_attention`. Device ``p`` of the axis holds positions
+    ``[p * c, (p + 1) * c)`` with ``c = n / P``. Groups whose segments fit in a chunk communicate
+    nothing; a group whose segments span ``m = s / c`` devices passes its dilated key/value blocks
+    ``m - 1`` hops around those devices (online-softmax merge). Other mesh axes see replicated data.
+
+    Args:
+      q, k, v: ``(b, n, h, d)``, sharded along ``n`` over ``axis_name`` (arrays sharded otherwise, or
+        not at all, are resharded).
+      segment_lengths, dilation_rates, is_causal, scale, merge: as in :func:`dilated_attention`.
+      mesh: a ``jax.sharding.Mesh`` with an axis ``axis_name``; ``None`` (or an axis of size 1) runs
+        :func:`improved_dilated_attention` on the arrays as they are.
+      axis_name: the mesh axis the sequence is sharded over.
+      key_padding_mask: optional ``(b, n)`` boolean, True = padding; sharded like the sequence and
+        passed around with the key/value blocks.
+
+    Returns:
+      ``(b, n, h, d)`` in the dtype of ``q``, sharded as ``PartitionSpec(None, axis_name)`` on ``mesh``.
+
+    Raises:
+      ValueError: the checks of :func:`dilated_attention`, an unknown ``axis_name``, and the SPEC 7
+        sharding constraints (see :func:`ring_plan`).
+
+    Example::
+
+        mesh = jax.make_mesh((8,), ("seq",))
+        out = ring_dilated_attention(q, k, v, segment_lengths=(2048, 8192), dilation_rates=(1, 4), mesh=mesh)
+    """
+    cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask)
+    kw = dict(segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates, is_causal=is_causal,
+              scale=scale, merge=merge, key_padding_mask=key_padding_mask)
+    if mesh is None:
+        return improved_dilated_attention(q, k, v, **kw)
+    if axis_name not in mesh.shape:
+        raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}; pass one of "
+                         f"{tuple(mesh.shape)}.")
+    n = q.shape[1]
+    num_devices = mesh.shape[axis_name]
+    if num_devices == 1 or n == 0:
+        return improved_dilated_attention(q, k, v, **kw)
+    ring_plan(n, num_devices, cfg)  # raise before tracing, with the sharding named
+    seq = NamedSharding(mesh, PartitionSpec(None, axis_name))
+    args = [q, k, v] + ([] if key_padding_mask is None else [key_padding_mask])
+    # Onto the mesh, sharded along the sequence: a no-op when already so; under jit it is traced as a
+    # transfer, so arrays committed to other devices are accepted too.
+    args = [jax.device_put(x, seq) for x in args]
+    q, k, v = args[:3]
+    mask = args[3] if key_padding_mask is not None else None
+    return _ring(q, k, v, mask, cfg=cfg, mesh=mesh, axis_name=axis_name, is_causal=bool(is_causal),
+                 scale=None if scale is None else float(scale))
