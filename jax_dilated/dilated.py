@@ -37,8 +37,8 @@ def validate(q: Array, k: Array, v: Array, segment_lengths: Sequence[int], dilat
     return cfg
 
 
-def _combine(cfg: DilatedConfig, branches: tuple[Branch, ...], outs: list[Array], lses: list[Array],
-             num_heads: int) -> Array:
+def combine_branches(cfg: DilatedConfig, branches: tuple[Branch, ...], outs: list[Array],
+                     lses: list[Array]) -> Array:
     """Join per-branch results ``(b, n, heads_of_branch, d)`` into ``(b, n, h, d)`` per SPEC's merge rule."""
     if cfg.merge == "head_partition":
         return jnp.concatenate(outs, axis=2) / cfg.num_groups
@@ -64,7 +64,7 @@ def _run(q, k, v, key_padding_mask, dropout_rng, *, cfg, is_causal, scale, dropo
                              dropout_rate=dropout_rate, dropout_rng=rng)
         outs.append(o)
         lses.append(l)
-    return _combine(cfg, branches, outs, lses, h).astype(q.dtype)
+    return combine_branches(cfg, branches, outs, lses).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def dilated_attention(
 # Improved: dilation as a reshape, all segments of a branch in one batched call.
 
 
-def _heads_slice(heads: tuple[int, ...]) -> slice:
+def heads_slice(heads: tuple[int, ...]) -> slice:
     step = heads[1] - heads[0] if len(heads) > 1 else 1
     return slice(heads[0], heads[-1] + 1, step)
 
@@ -165,9 +165,9 @@ def undilate(x: Array, br: Branch, batch: int, fill: float) -> Array:
     return x.reshape(batch, -1, *rest)
 
 
-def _improved_branch(q, k, v, key_padding_mask, br: Branch, **kw):
+def improved_branch(q, k, v, key_padding_mask, br: Branch, **kw):
     b = q.shape[0]
-    hs = _heads_slice(br.heads)
+    hs = heads_slice(br.heads)
     valid = None if key_padding_mask is None else ~dilate(key_padding_mask, br)
     o, l = attend(dilate(q[:, :, hs], br), dilate(k[:, :, hs], br), dilate(v[:, :, hs], br), kv_valid=valid, **kw)
     return undilate(o, br, b, 0.0), undilate(l, br, b, -jnp.inf)
@@ -176,7 +176,7 @@ def _improved_branch(q, k, v, key_padding_mask, br: Branch, **kw):
 @functools.partial(jax.jit, static_argnames=("cfg", "is_causal", "scale", "dropout_rate"))
 def _improved(q, k, v, key_padding_mask, dropout_rng, *, cfg, is_causal, scale, dropout_rate):
     return _run(q, k, v, key_padding_mask, dropout_rng, cfg=cfg, is_causal=is_causal, scale=scale,
-                dropout_rate=dropout_rate, attend_branch=_improved_branch)
+                dropout_rate=dropout_rate, attend_branch=improved_branch)
 
 
 def improved_dilated_attention(

@@ -25,6 +25,7 @@ from jax_dilated._config import DilatedConfig, check_dropout, check_key_padding_
 from jax_dilated._softmax import stats_dtype
 from jax_dilated.block_sparse import block_sparse_attention, check_block_options
 from jax_dilated.dilated import dilated_attention, improved_dilated_attention
+from jax_dilated.ring import ring_dilated_attention
 
 Array = jax.Array
 
@@ -246,6 +247,42 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
     """
 
     _core = staticmethod(improved_dilated_attention)
+
+
+class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
+    """:class:`MultiheadDilatedAttention` whose core is :func:`jax_dilated.ring_dilated_attention`.
+
+    The projections act position by position, so only the core needs the sequence sharding: with
+    ``mesh`` the sequence is sharded over its ``axis_name`` axis, and the output comes back sharded
+    the same way. ``mesh=None`` (or an axis of size 1) computes exactly
+    :class:`ImprovedMultiheadDilatedAttention`. Ring attention has no dropout: ``dropout`` must be 0.
+
+    Args:
+      embed_dim, num_heads, segment_lengths, dilation_rates, ...: as :class:`MultiheadDilatedAttention`.
+      mesh: ``jax.sharding.Mesh`` with an axis ``axis_name``, or None.
+      axis_name: the mesh axis the sequence is sharded over.
+
+    Example::
+
+        mesh = jax.make_mesh((8,), ("seq",))
+        mha = RingMultiheadDilatedAttention(512, 8, (2048, 8192), (1, 4), mesh=mesh, rngs=nnx.Rngs(0))
+        y = mha(x)                          # x: (b, n, 512); y sharded along n
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int],
+                 dilation_rates: Sequence[int], *, mesh: jax.sharding.Mesh | None = None, axis_name: str = "seq",
+                 dropout: float = 0.0, rngs: nnx.Rngs, **kwargs: Any):
+        if dropout:
+            raise ValueError(f"dropout={dropout}: ring attention has no dropout; pass dropout=0.0 or use "
+                             f"ImprovedMultiheadDilatedAttention.")
+        super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, rngs=rngs, **kwargs)
+        self.mesh = mesh
+        self.axis_name = axis_name
+
+    def _attend(self, q, k, v, *, dropout_rate, dropout_rng, **kw):
+        return ring_dilated_attention(q, k, v, segment_lengths=self.segment_lengths,
+                                      dilation_rates=self.dilation_rates, merge=self.merge, mesh=self.mesh,
+                                      axis_name=self.axis_name, **kw)
 
 
 class BlockSparseMultiheadDilatedAttention(_MultiheadAttention):

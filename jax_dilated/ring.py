@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_dilated._config import Branch, DilatedConfig, default_scale
 from jax_dilated._softmax import attend, merge_lse
-from jax_dilated.dilated import _combine, _heads_slice, _improved_branch, dilate, improved_dilated_attention, undilate
+from jax_dilated.dilated import combine_branches, heads_slice, improved_branch, dilate, improved_dilated_attention, undilate
 from jax_dilated.dilated import validate
 
 Array = jax.Array
@@ -88,7 +88,7 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, chunk: int, span:
     """
     b = q.shape[0]
     local = dataclasses.replace(br, segment=chunk)
-    hs = _heads_slice(br.heads)
+    hs = heads_slice(br.heads)
     qd = dilate(q[:, :, hs], local)  # (b, chunk/r, heads_of_branch, d)
     kv = jnp.stack([dilate(k[:, :, hs], local), dilate(v[:, :, hs], local)])  # one array: one permute per hop
     valid = None if key_padding_mask is None else ~dilate(key_padding_mask, local)
@@ -126,14 +126,14 @@ def _device_body(q, k, v, key_padding_mask, *, cfg, chunk, spans, num_devices, a
     for br in branches:
         span = spans[br.group]
         if span == 1:
-            o, l = _improved_branch(q, k, v, key_padding_mask, br, scale=scale, is_causal=is_causal,
+            o, l = improved_branch(q, k, v, key_padding_mask, br, scale=scale, is_causal=is_causal,
                                     dropout_rate=0.0, dropout_rng=None)
         else:
             o, l = _spanning_branch(q, k, v, key_padding_mask, br, chunk=chunk, span=span,
                                     num_devices=num_devices, axis_name=axis_name, scale=scale, is_causal=is_causal)
         outs.append(o)
         lses.append(l)
-    return _combine(cfg, branches, outs, lses, h).astype(q.dtype)
+    return combine_branches(cfg, branches, outs, lses).astype(q.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh", "axis_name", "is_causal", "scale"))

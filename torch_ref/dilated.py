@@ -36,7 +36,7 @@ def validate(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int], di
     return cfg
 
 
-def _combine(cfg: DilatedConfig, branches: tuple[Branch, ...], outs: list[Tensor], lses: list[Tensor | None]) -> Tensor:
+def combine_branches(cfg: DilatedConfig, branches: tuple[Branch, ...], outs: list[Tensor], lses: list[Tensor | None]) -> Tensor:
     """Join per-branch results ``(b, n, heads_of_branch, d)`` into ``(b, n, h, d)`` per SPEC's merge rule."""
     if cfg.merge == "head_partition":
         return torch.cat(outs, dim=2).div_(cfg.num_groups)  # in place: cat's backward keeps no output
@@ -64,7 +64,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, *, cf
                              dropout_p=float(dropout_p), need_lse=need_lse)
         outs.append(o)
         lses.append(l)
-    return _combine(cfg, branches, outs, lses).to(q.dtype)
+    return combine_branches(cfg, branches, outs, lses).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def dilated_attention(
 # Improved: dilation as a strided view, all segments of a branch in one batched SDPA call.
 
 
-def _heads_slice(heads: tuple[int, ...]) -> slice:
+def heads_slice(heads: tuple[int, ...]) -> slice:
     step = heads[1] - heads[0] if len(heads) > 1 else 1
     return slice(heads[0], heads[-1] + 1, step)
 
@@ -209,10 +209,10 @@ def _chunked_lse(q: Tensor, k: Tensor, valid: Tensor | None, *, scale: float, is
     return torch.cat(pieces, dim=2).transpose(1, 2)
 
 
-def _improved_branch(q, k, v, key_padding_mask, br: Branch, *, scale: float, is_causal: bool, dropout_p: float,
+def improved_branch(q, k, v, key_padding_mask, br: Branch, *, scale: float, is_causal: bool, dropout_p: float,
                      need_lse: bool):
     b = q.shape[0]
-    hs = _heads_slice(br.heads)
+    hs = heads_slice(br.heads)
     qd, kd, vd = (dilate(x[:, :, hs], br) for x in (q, k, v))  # (B, m, hg, d) strided views
     valid = None if key_padding_mask is None else ~dilate(key_padding_mask, br)
     mask, empty = None, None
@@ -251,7 +251,7 @@ def improved_dilated_attention(
     """
     cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask, dropout_p)
     return _run(q, k, v, key_padding_mask, cfg=cfg, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-                attend_branch=_improved_branch)
+                attend_branch=improved_branch)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torch_ref._config import DilatedConfig, check_dropout, check_key_padding_ma
 from torch_ref._softmax import stats_dtype
 from torch_ref.block_sparse import block_sparse_attention, check_block_options
 from torch_ref.dilated import dilated_attention, improved_dilated_attention
+from torch_ref.ring import ring_dilated_attention
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -167,6 +168,28 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
     """:class:`MultiheadDilatedAttention` with the fast core :func:`torch_ref.improved_dilated_attention`."""
 
     _core = staticmethod(improved_dilated_attention)
+
+
+class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
+    """:class:`MultiheadDilatedAttention` whose core is :func:`torch_ref.ring_dilated_attention`.
+
+    Every rank of ``group`` passes its own chunk ``(b, n / P, E)`` of the sequence and gets its chunk
+    of the output. ``group=None`` uses the default process group, or, when ``torch.distributed`` is
+    not initialised, computes exactly :class:`ImprovedMultiheadDilatedAttention`. Ring attention has
+    no dropout: ``dropout`` must be 0.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int],
+                 dilation_rates: Sequence[int], *, group=None, dropout: float = 0.0, **kwargs: Any):
+        if dropout:
+            raise ValueError(f"dropout={dropout}: ring attention has no dropout; pass dropout=0.0 or use "
+                             f"ImprovedMultiheadDilatedAttention.")
+        super().__init__(embed_dim, num_heads, segment_lengths, dilation_rates, **kwargs)
+        self.group = group
+
+    def _attend(self, q, k, v, *, dropout_p, **kw):
+        return ring_dilated_attention(q, k, v, segment_lengths=self.segment_lengths,
+                                      dilation_rates=self.dilation_rates, merge=self.merge, group=self.group, **kw)
 
 
 class BlockSparseMultiheadDilatedAttention(_MultiheadAttention):

@@ -23,7 +23,7 @@ from torch import nn
 
 from torch_ref._config import Branch, DilatedConfig, check_key_padding_mask, check_qkv, default_scale
 from torch_ref._softmax import attend, merge_lse
-from torch_ref.dilated import _combine, _heads_slice, _improved_branch, dilate, improved_dilated_attention, undilate
+from torch_ref.dilated import combine_branches, heads_slice, improved_branch, dilate, improved_dilated_attention, undilate
 
 Tensor = torch.Tensor
 
@@ -96,7 +96,7 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, chunk: int, span:
     """
     b = q.shape[0]
     local = dataclasses.replace(br, segment=chunk)
-    hs = _heads_slice(br.heads)
+    hs = heads_slice(br.heads)
     qd = dilate(q[:, :, hs], local)
     kv = torch.stack([dilate(k[:, :, hs], local), dilate(v[:, :, hs], local)]).contiguous()  # one message per hop
     valid = None if key_padding_mask is None else (~dilate(key_padding_mask, local)).to(torch.uint8).contiguous()
@@ -192,14 +192,14 @@ def ring_dilated_attention(
     for br in branches:
         span = spans[br.group]
         if span == 1:
-            o, l = _improved_branch(q, k, v, key_padding_mask, br, scale=scale, is_causal=bool(is_causal),
+            o, l = improved_branch(q, k, v, key_padding_mask, br, scale=scale, is_causal=bool(is_causal),
                                     dropout_p=0.0, need_lse=cfg.merge == "lse")
         else:
             o, l = _spanning_branch(q, k, v, key_padding_mask, br, chunk=chunk, span=span, group=group,
                                     scale=scale, is_causal=bool(is_causal))
         outs.append(o)
         lses.append(l)
-    return _combine(cfg, branches, outs, lses).to(q.dtype)
+    return combine_branches(cfg, branches, outs, lses).to(q.dtype)
 
 
 class RingDilatedAttention(nn.Module):
