@@ -11,6 +11,7 @@ from jax_dilated.multihead import (
     RingMultiheadDilatedAttention,
     dilated_attention_fn,
 )
+from jax_dilated.models import LongNetLM
 
 __all__ = [
     "dilated_attention", "improved_dilated_attention",
@@ -24,4 +25,5 @@ __all__ = [
     "load_torch_state_dict",
     "to_torch_state_dict",
     "load_torch_checkpoint",
+    "LongNetLM",
 ]

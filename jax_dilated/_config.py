@@ -168,10 +168,12 @@ def check_key_padding_mask(mask: Any, batch: int, n: int) -> None:
         raise TypeError(f"key_padding_mask has dtype {mask.dtype}; pass a boolean array (True = padding).")
 
 
-def check_dropout(rate: float) -> None:
-    """Raise unless ``0 <= rate < 1``."""
+def check_dropout(rate: float, rng: Any = None, *, needs_rng: bool = True) -> None:
+    """Raise unless ``0 <= rate < 1`` and, for a call (``needs_rng``) with ``rate > 0``, a key is given."""
     if not 0.0 <= float(rate) < 1.0:
         raise ValueError(f"dropout rate {rate} is outside [0, 1); pass a probability such as 0.1.")
+    if needs_rng and rate > 0.0 and rng is None:
+        raise ValueError(f"dropout_rate={rate} needs a dropout_rng key; pass jax.random.key(...).")
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:

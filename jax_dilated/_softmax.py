@@ -121,20 +121,26 @@ def attend(
     return out.swapaxes(1, 2), lse.swapaxes(1, 2)
 
 
-def merge_lse(outs: list[Array], lses: list[Array]) -> Array:
+def merge_lse(outs: list[Array], lses: list[Array]) -> tuple[Array, Array]:
     """Mix partial attention results by their log-sum-exps (one softmax over their union of keys).
+
+    This is the online-softmax merge: partial results over disjoint key sets combine into the result
+    over all of them.
 
     Args:
       outs: each ``(..., d)``, a normalised partial output (0 where it saw no key).
       lses: each ``(...)``, its log-sum-exp (``-inf`` where it saw no key).
 
     Returns:
-      ``sum_i w_i outs_i`` with ``w = softmax_i(lses_i)``; 0 where every ``lses_i`` is ``-inf``.
+      ``sum_i w_i outs_i`` with ``w = softmax_i(lses_i)`` (0 where every ``lses_i`` is ``-inf``), and the
+      log-sum-exp of the union, ``(...)`` (``-inf`` there).
     """
     lse = jnp.stack(lses)
     top = jnp.max(lse, axis=0)
     top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
     w = jnp.exp(lse - top)
     total = jnp.sum(w, axis=0)
-    w = w / jnp.where(total > 0, total, 1.0)
-    return sum(wi[..., None] * oi for wi, oi in zip(w, outs))
+    safe = jnp.where(total > 0, total, 1.0)
+    w = w / safe
+    merged = jnp.where(total > 0, jnp.log(safe) + top, -jnp.inf)
+    return sum(wi[..., None] * oi for wi, oi in zip(w, outs)), merged

@@ -179,10 +179,10 @@ def _block_sparse(q, k, v, key_padding_mask, dropout_rng, *, block_size, pattern
                           dropout_rng=None if rng is None else jax.random.fold_in(rng, 1))
             outs.append(o)
             lses.append(l)
-        out = outs[0] if len(outs) == 1 else merge_lse(outs, lses)
+        out = outs[0] if len(outs) == 1 else merge_lse(outs, lses)[0]
         return out.astype(q.dtype).reshape(b, c, bs, h, d)
 
-    out = jax.lax.map(step, tables)  # (steps, b, c, bs, h, d)
+    out = jax.lax.map(jax.checkpoint(step), tables)  # (steps, b, c, bs, h, d); O(chunk) memory in backward
     return jnp.moveaxis(out, 0, 1).reshape(b, n, h, d)
 
 
@@ -230,9 +230,7 @@ def block_sparse_attention(
     check_qkv(q, k, v)
     check_block_options(q.shape[1], block_size, pattern, sparsity_ratio, global_blocks)
     check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[1])
-    check_dropout(dropout_rate)
-    if dropout_rate > 0.0 and dropout_rng is None:
-        raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng key; pass jax.random.key(...).")
+    check_dropout(dropout_rate, dropout_rng)
     return _block_sparse(q, k, v, key_padding_mask, dropout_rng, block_size=int(block_size), pattern=pattern,
                          sparsity_ratio=float(sparsity_ratio), global_blocks=int(global_blocks),
                          is_causal=bool(is_causal), scale=None if scale is None else float(scale),

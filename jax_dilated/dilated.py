@@ -31,9 +31,7 @@ def validate(q: Array, k: Array, v: Array, segment_lengths: Sequence[int], dilat
     cfg.check_sequence(q.shape[1])
     cfg.check_heads(q.shape[2])
     check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[1])
-    check_dropout(dropout_rate)
-    if dropout_rate > 0.0 and dropout_rng is None:
-        raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng key; pass jax.random.key(...).")
+    check_dropout(dropout_rate, dropout_rng)
     return cfg
 
 
@@ -48,7 +46,7 @@ def combine_branches(cfg: DilatedConfig, branches: tuple[Branch, ...], outs: lis
         order = np.argsort(np.concatenate([branches[j].heads for j in idx]))
         group_outs.append(jnp.take(jnp.concatenate([outs[j] for j in idx], axis=2), order, axis=2))
         group_lses.append(jnp.take(jnp.concatenate([lses[j] for j in idx], axis=2), order, axis=2))
-    return merge_lse(group_outs, group_lses)
+    return merge_lse(group_outs, group_lses)[0]
 
 
 def _run(q, k, v, key_padding_mask, dropout_rng, *, cfg, is_causal, scale, dropout_rate, attend_branch):

@@ -108,7 +108,7 @@ class _MultiheadAttention(nnx.Module):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; choose an "
                              f"embed_dim that is a multiple of num_heads, or a num_heads that divides it.")
-        check_dropout(dropout)
+        check_dropout(dropout, needs_rng=False)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads

@@ -26,8 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_dilated._config import Branch, DilatedConfig, default_scale
 from jax_dilated._softmax import attend, merge_lse
-from jax_dilated.dilated import combine_branches, heads_slice, improved_branch, dilate, improved_dilated_attention, undilate
-from jax_dilated.dilated import validate
+from jax_dilated.dilated import (combine_branches, dilate, heads_slice, improved_branch, improved_dilated_attention,
+                                 undilate, validate)
 
 Array = jax.Array
 
@@ -68,15 +68,6 @@ def ring_plan(n: int, num_devices: int, cfg: DilatedConfig) -> tuple[int, tuple[
     return c, tuple(spans)
 
 
-def _merge_pair(o1: Array, l1: Array, o2: Array, l2: Array) -> tuple[Array, Array]:
-    """Online-softmax step: the output and log-sum-exp of two partial results over disjoint keys."""
-    top = jnp.maximum(l1, l2)
-    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
-    total = jnp.exp(l1 - top) + jnp.exp(l2 - top)
-    lse = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + top, -jnp.inf)
-    return merge_lse([o1, o2], [l1, l2]), lse
-
-
 def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, chunk: int, span: int, num_devices: int,
                      axis_name: str, scale: float, is_causal: bool):
     """One branch whose segments span ``span`` devices; per-device arrays ``(b, chunk, ...)``.
@@ -106,7 +97,7 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, chunk: int, span:
 
         def step(acc, kv=kv, valid=valid):
             o, l = attend(qd, kv[0], kv[1], scale=scale, is_causal=False, kv_valid=valid)
-            return _merge_pair(acc[0], acc[1], o, l)
+            return merge_lse([acc[0], o], [acc[1], l])
 
         if is_causal:
             # After `hop` hops this device holds the block of device rank - hop of its group when

@@ -9,8 +9,10 @@ from torch_ref.multihead import (
     MultiheadDilatedAttention,
     RingMultiheadDilatedAttention,
 )
+from torch_ref.models import LongNetLM
 
 __all__ = ["dilated_attention", "improved_dilated_attention", "DilatedAttention", "ImprovedDilatedAttention",
            "ring_dilated_attention", "RingDilatedAttention",
            "block_layout", "block_sparse_attention", "BlockSparseDilatedAttention",
-           "MultiheadDilatedAttention", "ImprovedMultiheadDilatedAttention", "BlockSparseMultiheadDilatedAttention", "RingMultiheadDilatedAttention"]
+           "MultiheadDilatedAttention", "ImprovedMultiheadDilatedAttention", "BlockSparseMultiheadDilatedAttention", "RingMultiheadDilatedAttention",
+           "LongNetLM"]

@@ -67,20 +67,26 @@ def attend(
     return out, lse[..., 0].transpose(1, 2)
 
 
-def merge_lse(outs: list[Tensor], lses: list[Tensor]) -> Tensor:
+def merge_lse(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Mix partial attention results by their log-sum-exps (one softmax over their union of keys).
+
+    This is the online-softmax merge: partial results over disjoint key sets combine into the result
+    over all of them.
 
     Args:
       outs: each ``(..., d)``, a normalised partial output (0 where it saw no key).
       lses: each ``(...)``, its log-sum-exp (``-inf`` where it saw no key).
 
     Returns:
-      ``sum_i w_i outs_i`` with ``w = softmax_i(lses_i)``; 0 where every ``lses_i`` is ``-inf``.
+      ``sum_i w_i outs_i`` with ``w = softmax_i(lses_i)`` (0 where every ``lses_i`` is ``-inf``), and the
+      log-sum-exp of the union, ``(...)`` (``-inf`` there).
     """
     lse = torch.stack(lses)
     top = lse.amax(dim=0).detach()
     top = torch.where(torch.isfinite(top), top, torch.zeros((), dtype=top.dtype, device=top.device))
     w = torch.exp(lse - top)
     total = w.sum(dim=0)
-    w = w / torch.where(total > 0, total, torch.ones((), dtype=total.dtype, device=total.device))
-    return sum(wi[..., None] * oi for wi, oi in zip(w, outs))
+    safe = torch.where(total > 0, total, torch.ones((), dtype=total.dtype, device=total.device))
+    w = w / safe
+    merged = torch.where(total > 0, torch.log(safe) + top, torch.full_like(safe, float("-inf")))
+    return sum(wi[..., None] * oi for wi, oi in zip(w, outs)), merged

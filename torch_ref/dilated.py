@@ -47,7 +47,7 @@ def combine_branches(cfg: DilatedConfig, branches: tuple[Branch, ...], outs: lis
         order = torch.argsort(heads).to(outs[0].device)
         group_outs.append(torch.cat([outs[j] for j in idx], dim=2).index_select(2, order))
         group_lses.append(torch.cat([lses[j] for j in idx], dim=2).index_select(2, order))
-    return merge_lse(group_outs, group_lses)
+    return merge_lse(group_outs, group_lses)[0]
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, *, cfg: DilatedConfig,

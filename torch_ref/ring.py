@@ -23,7 +23,8 @@ from torch import nn
 
 from torch_ref._config import Branch, DilatedConfig, check_key_padding_mask, check_qkv, default_scale
 from torch_ref._softmax import attend, merge_lse
-from torch_ref.dilated import combine_branches, heads_slice, improved_branch, dilate, improved_dilated_attention, undilate
+from torch_ref.dilated import (combine_branches, dilate, heads_slice, improved_branch, improved_dilated_attention,
+                               undilate)
 
 Tensor = torch.Tensor
 
@@ -59,17 +60,6 @@ def ring_plan(n: int, num_devices: int, cfg: DilatedConfig) -> tuple[int, tuple[
             )
         spans.append(max(1, s // c))
     return c, tuple(spans)
-
-
-def _merge_pair(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
-    """Online-softmax step: output and log-sum-exp of two partial results over disjoint keys."""
-    top = torch.maximum(l1, l2).detach()
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    total = torch.exp(l1 - top) + torch.exp(l2 - top)
-    has = total > 0
-    lse = torch.where(has, torch.log(torch.where(has, total, torch.ones_like(total))) + top,
-                      torch.full_like(total, float("-inf")))
-    return merge_lse([o1, o2], [l1, l2]), lse
 
 
 def _exchange(tensors: list[Tensor], *, send_to: int | None, recv_from: int | None, group) -> list[Tensor]:
@@ -120,7 +110,7 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, chunk: int, span:
         kv = got[0]
         valid = got[1] if valid is not None else None
         o, l = attend(qd, kv[0], kv[1], scale=scale, kv_valid=None if valid is None else valid.bool())
-        out, lse = _merge_pair(out, lse, o, l)
+        out, lse = merge_lse([out, o], [lse, l])
     return undilate(out, local, b, 0.0), undilate(lse, local, b, float("-inf"))
 
 
