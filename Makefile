@@ -24,3 +24,15 @@ bench: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --dist loadfile -q $(TEST_ARGS)
+
+# The extra runs behind the figures the issues name (each a few minutes on a 2-core CPU); the
+# default `make bench` already covers standard vs improved and the modules at n = 8192.
+FIG := benchmarks/results/$(or $(DEVICE),cpu)
+.PHONY: figures
+figures: $(VENV)/.installed
+	$(PY) -m benchmarks --variants improved --seq-lens 8192,32768 --no-seed-comparison --out $(FIG)/scaling
+	$(PY) -m benchmarks --variants block_sparse,improved --segment-lengths 16384 --dilation-rates 1 \
+		--seq-lens 16384 --timeout 300 --no-seed-comparison --out $(FIG)/block_sparse_vs_dense
+	$(PY) -m benchmarks --variants block_sparse --seq-lens 16384,65536 --timeout 300 --no-seed-comparison \
+		--out $(FIG)/block_sparse_memory
+	$(PY) -m benchmarks.ring_scaling

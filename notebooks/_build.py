@@ -407,6 +407,8 @@ plt.tight_layout(); plt.show()"""),
 
 
 def write(name: str, cells: list) -> None:
+    for i, cell in enumerate(cells):
+        cell.id = f"cell-{i:02d}"  # stable ids: rebuilding an unchanged notebook changes nothing
     nb = new_notebook(cells=cells, metadata={
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},
