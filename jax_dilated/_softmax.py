@@ -11,9 +11,10 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# Score elements one sequential step of a chunked `attend` may hold (4 Mi float32 = 16 MiB): small
-# enough to stay in cache-friendly sizes on a CPU, large enough to keep a GPU busy.
-CHUNK_ELEMENTS = 1 << 22
+# Score elements one sequential step of a chunked `attend` may hold (1 Mi float32 = 4 MiB). It bounds the
+# fixed scratch of a call (scores and probabilities of one step), which is what keeps per-device memory of
+# ring attention near 1/P at 8 devices; on the 2-core CPU 0.5 Mi to 4 Mi ran equally fast (docs/benchmarks.md).
+CHUNK_ELEMENTS = 1 << 20
 # Queries per block inside a chunk: short score rows of many small batched matrices.
 QUERY_BLOCK = 128
 
@@ -45,28 +46,31 @@ def _attend_head_major(q, k, v, visible, keep, *, scale, dropout_rate):
     return out, lse
 
 
-def _attend_batch(q, k, v, kv_valid, keys, *, scale, is_causal, dropout_rate, query_block):
-    """Head-major attention of one batch chunk. q ``(B, h, m, d)``; keys: per-row dropout keys or None."""
-    B, h, m, d = q.shape
+def _keep_mask(keys, shape, dropout_rate):
+    """Dropout keep-masks ``(B, *shape)``, row ``i`` drawn from ``keys[i]``; None when ``keys`` is None."""
+    if keys is None:
+        return None
+    return jax.vmap(lambda key: jax.random.bernoulli(key, 1.0 - dropout_rate, shape))(keys)
+
+
+def _attend_blocks(q, k, v, kv_valid, keep, first_block, *, scale, is_causal, dropout_rate):
+    """Query blocks against whole key rows. q ``(B, h, nq, blk, d)``, k/v ``(B, h, mk, d)``.
+
+    ``kv_valid``: None or ``(B, mk)``; ``keep``: None or ``(B, h, nq, blk, mk)``; ``first_block``: index of
+    block 0 among the row's query blocks (positions for the causal mask). Returns ``(B, h, nq, blk, d)``
+    and ``(B, h, nq, blk)``.
+    """
+    nq, blk = q.shape[2:4]
     mk = k.shape[2]
-    blk = query_block if query_block and m > query_block and m % query_block == 0 else m
-    nq = m // blk
-    # Query blocks become a batch axis next to the heads: (B, h, nq, blk, d) against (B, h, 1, mk, d).
-    qb = q.reshape(B, h, nq, blk, d)
-    kb, vb = k[:, :, None], v[:, :, None]
     visible = None
     if is_causal:
-        rows = jnp.arange(m).reshape(nq, blk)[:, :, None]
+        rows = (first_block * blk + jnp.arange(nq * blk)).reshape(nq, blk)[:, :, None]
         visible = (rows >= jnp.arange(mk)[None, None, :])[None, None]
     if kv_valid is not None:
         valid = kv_valid[:, None, None, None, :]
         visible = valid if visible is None else visible & valid
-    keep = None
-    if dropout_rate > 0.0:
-        shape = (h, nq, blk, mk)
-        keep = jax.vmap(lambda key: jax.random.bernoulli(key, 1.0 - dropout_rate, shape))(keys)
-    out, lse = _attend_head_major(qb, kb, vb, visible, keep, scale=scale, dropout_rate=dropout_rate)
-    return out.reshape(B, h, m, d), lse.reshape(B, h, m)
+    # Query blocks are a batch axis next to the heads: (B, h, nq, blk, d) against (B, h, 1, mk, d).
+    return _attend_head_major(q, k[:, :, None], v[:, :, None], visible, keep, scale=scale, dropout_rate=dropout_rate)
 
 
 def attend(
@@ -91,11 +95,14 @@ def attend(
       kv_valid: optional ``(B, mk)`` boolean, False for keys nobody may see.
       dropout_rate: probability of dropping an attention weight (weights rescaled by
         ``1 / (1 - rate)``; the log-sum-exp is that of the undropped weights).
-      dropout_rng: PRNG key, required when ``dropout_rate > 0``. Row ``i`` of the batch draws
-        from ``split(dropout_rng, B)[i]``, so chunked and unchunked calls drop the same weights.
-      chunked: walk the batch in sequential chunks of at most ``CHUNK_ELEMENTS`` scores (queries in
-        blocks of ``QUERY_BLOCK``), each chunk rematerialised in the backward pass, so memory stays
-        O(chunk) in both passes. False computes every score at once (the plain form).
+      dropout_rng: PRNG key, required when ``dropout_rate > 0``. Row ``i`` of the batch draws its
+        ``(h, m / blk, blk, mk)`` keep-mask from ``split(dropout_rng, B)[i]``, so every chunking of
+        the same call drops the same weights.
+      chunked: compute at most ``CHUNK_ELEMENTS`` scores at a time, each step rematerialised in the
+        backward pass, so memory stays O(chunk) in both passes: queries go in blocks of
+        ``QUERY_BLOCK``; batch rows are walked sequentially, several per step when they fit, and a row
+        whose own scores exceed the chunk is walked a few query blocks at a time. False computes
+        every score at once (the plain form).
 
     Returns:
       ``out`` ``(B, m, h, d)`` in the statistics dtype (0 for a row with no visible key) and
@@ -103,22 +110,44 @@ def attend(
     """
     B, m, h, d = q.shape
     mk = k.shape[1]
-    heads_first = (q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2))
+    blk = QUERY_BLOCK if chunked and m > QUERY_BLOCK and m % QUERY_BLOCK == 0 else m
+    nq = m // blk
+    qb = q.reshape(B, nq, blk, h, d).transpose(0, 3, 1, 2, 4)  # (B, h, nq, blk, d)
+    kh, vh = k.swapaxes(1, 2), v.swapaxes(1, 2)  # (B, h, mk, d)
     keys = jax.random.split(dropout_rng, B) if dropout_rate > 0.0 else None
     kw = dict(scale=scale, is_causal=is_causal, dropout_rate=dropout_rate)
-    per_row = h * m * max(mk, 1)
-    if not chunked or B * per_row <= CHUNK_ELEMENTS or B == 0:
-        out, lse = _attend_batch(*heads_first, kv_valid, keys, query_block=None if not chunked else QUERY_BLOCK, **kw)
-    else:
-        batch_size = max(1, CHUNK_ELEMENTS // per_row)  # lax.map runs any remainder as one more step
-
+    per_block = h * blk * max(mk, 1)
+    if not chunked or B * nq * per_block <= CHUNK_ELEMENTS or B == 0:
+        keep = _keep_mask(keys, (h, nq, blk, mk), dropout_rate)
+        out, lse = _attend_blocks(qb, kh, vh, kv_valid, keep, 0, **kw)
+    elif nq * per_block <= CHUNK_ELEMENTS:
         @jax.checkpoint
-        def body(row):  # lax.map vmaps this over `batch_size` rows per sequential step
-            out, lse = _attend_batch(*jax.tree.map(lambda x: x[None], row), query_block=QUERY_BLOCK, **kw)
+        def rows(row):  # lax.map vmaps this over `batch_size` rows per sequential step
+            qr, kr, vr, valid, key = jax.tree.map(lambda x: x[None], row)
+            out, lse = _attend_blocks(qr, kr, vr, valid, _keep_mask(key, (h, nq, blk, mk), dropout_rate), 0, **kw)
             return out[0], lse[0]
 
-        out, lse = jax.lax.map(body, (*heads_first, kv_valid, keys), batch_size=batch_size)
-    return out.swapaxes(1, 2), lse.swapaxes(1, 2)
+        out, lse = jax.lax.map(rows, (qb, kh, vh, kv_valid, keys), batch_size=max(1, CHUNK_ELEMENTS // (nq * per_block)))
+    else:
+        # Query blocks per sequential step: the largest divisor of nq whose scores fit in a chunk.
+        steps = max(s for s in range(1, nq + 1) if nq % s == 0 and (s == 1 or s * per_block <= CHUNK_ELEMENTS))
+
+        def row_blocks(row):  # one row, `steps` query blocks at a time
+            qr, kr, vr, valid, key = jax.tree.map(lambda x: x[None], row)
+            keep = _keep_mask(key, (h, nq, blk, mk), dropout_rate)
+
+            @jax.checkpoint
+            def blocks(j):  # query blocks [j * steps, (j + 1) * steps) of the row
+                take = lambda x: jax.lax.dynamic_slice_in_dim(x, j * steps, steps, axis=2)
+                return _attend_blocks(take(qr), kr, vr, valid, None if keep is None else take(keep), j * steps, **kw)
+
+            out, lse = jax.lax.map(blocks, jnp.arange(nq // steps))  # (nq / steps, 1, h, steps, blk, ...)
+            return out.transpose(1, 2, 0, 3, 4, 5).reshape(h, nq, blk, d), lse.transpose(1, 2, 0, 3, 4).reshape(h, nq, blk)
+
+        out, lse = jax.lax.map(row_blocks, (qb, kh, vh, kv_valid, keys))
+    out = out.reshape(B, h, m, d).swapaxes(1, 2)
+    lse = lse.reshape(B, h, m).swapaxes(1, 2)
+    return out, lse
 
 
 def merge_lse(outs: list[Array], lses: list[Array]) -> tuple[Array, Array]:

@@ -258,6 +258,36 @@ def test_dropout_rate_is_honoured_and_reproducible():
     np.testing.assert_allclose(a, b, atol=1e-5)  # standard and improved draw the same mask
 
 
+@pytest.mark.parametrize("chunk", [1 << 30, 2 * 256 * 256, 4 * 128 * 256, 128 * 256, 1],
+                         ids=["one-shot", "rows", "query-blocks-2", "query-blocks-1", "tiny"])
+def test_improved_chunking_paths_match_reference(chunk, monkeypatch):
+    """Every way ``attend`` walks the scores (all at once; whole rows per step; a few query blocks of a
+    row per step) gives the reference values, standard's gradients and the same dropout mask."""
+    from jax_dilated import _softmax
+
+    rng = np.random.default_rng()
+    b, n, h, d = 2, 512, 2, 4  # kept positions per segment m = 256 = 2 query blocks of 128
+    q, k, v = random_qkv(rng, b, n, h, d)
+    mask = random_padding(rng, b, n)
+    kw = dict(segment_lengths=(256, 512), dilation_rates=(1, 2), is_causal=True, key_padding_mask=mask)
+    loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, **kw)))
+    key = jax.random.key(int(rng.integers(2**31)))
+    args = [jnp.asarray(x) for x in (q, k, v)]
+    expected_grads = jax.grad(loss(jd.dilated_attention), argnums=(0, 1, 2))(*args)
+    jax.clear_caches()
+    monkeypatch.setattr(_softmax, "CHUNK_ELEMENTS", chunk)
+    got = jd.improved_dilated_attention(*args, **kw)
+    grads = jax.grad(loss(jd.improved_dilated_attention), argnums=(0, 1, 2))(*args)
+    dropped = jd.improved_dilated_attention(*args, dropout_rate=0.3, dropout_rng=key, **kw)
+    monkeypatch.setattr(_softmax, "CHUNK_ELEMENTS", 1 << 30)
+    jax.clear_caches()
+    dropped_at_once = jd.improved_dilated_attention(*args, dropout_rate=0.3, dropout_rng=key, **kw)
+    np.testing.assert_allclose(got, ref.dilated_attention(q, k, v, **kw), rtol=0, atol=1e-10)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g, e, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(dropped, dropped_at_once, rtol=0, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation (SPEC 3): the same errors, the same messages, in every implementation.
 
