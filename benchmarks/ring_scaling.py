@@ -73,8 +73,8 @@ def _memory(compiled) -> tuple[float, float]:
 def _timed(fns, args, repeats: int) -> tuple[list[float], float]:
     """Median milliseconds of each ``fn(*args)`` and the peak RSS above the baseline (MiB) during the repeats.
 
-    Several functions are timed alternately (one call of each per round), so a change in machine
-    load affects them alike.
+    Several functions are timed alternately (one call of each per round, the order reversed every other
+    round), so a change in machine load, or being first in a round, affects them alike.
     """
     import jax
 
@@ -84,8 +84,8 @@ def _timed(fns, args, repeats: int) -> tuple[list[float], float]:
     base = _status_kib("VmRSS") * 1024
     Path("/proc/self/clear_refs").write_text("5")
     times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, t in zip(fns, times):
+    for i in range(repeats):
+        for fn, t in list(zip(fns, times))[::(-1) ** i]:
             start = time.perf_counter()
             jax.block_until_ready(fn(*args))
             t.append(time.perf_counter() - start)
