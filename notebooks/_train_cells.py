@@ -222,5 +222,9 @@ assert same and logit_diff == 0.0"""),
   head matches the query against that copy. That circuit formed much more slowly (24% recall after
   1000 steps). One pair token per kept position makes the long-range lookup a single hop; the
   distance it has to bridge is unchanged.
+- Measured full run (1400 steps, 315 s on a 2-core CPU): **0.82** recall on held-out queries, 0.06
+  with the pairs removed. Well above chance (0.0625), but below the 90% the project set itself;
+  accuracy was still rising slowly when the learning rate had decayed. docs/notebooks.md lists what
+  else was tried.
 """),
 ]
