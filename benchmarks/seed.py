@@ -1,6 +1,6 @@
 """The seed package's published benchmark table, and the configuration that reruns it.
 
-The seed table (``../shared/seed/seed-benchmark-*.txt`` next to the repository) is a tabulate grid
+The seed table (``seed_data/seed-benchmark-*.txt``, a copy of ``../shared/seed/``) is a tabulate grid
 measured on a CUDA GPU. Every seed model was built with ``segment_lengths=[n], dilation_rates=[1]``,
 i.e. dense attention; :func:`seed_cases` reproduces that effective configuration, and
 :func:`dilated_cases` the dilated one the seed never measured.
@@ -16,7 +16,7 @@ from typing import Sequence
 from benchmarks.case import SEED_VARIANTS, Case
 
 #: Where the seed table lives, relative to the repository root.
-SEED_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "seed"
+SEED_DIR = Path(__file__).resolve().parent / "seed_data"
 SEED_SEQ_LENS: tuple[int, ...] = (4096, 8192)
 SEED_BATCH, SEED_HEADS, SEED_HEAD_DIM = 2, 8, 64  # head_dim: the seed's embed_dim 512 / 8 heads
 DILATED_SEGMENTS, DILATED_RATES = (1024, 2048, 4096), (1, 2, 4)
