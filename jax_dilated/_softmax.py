@@ -13,7 +13,7 @@ Array = jax.Array
 
 # Score elements one sequential step of a chunked `attend` may hold (1 Mi float32 = 4 MiB). It bounds the
 # fixed scratch of a call (scores and probabilities of one step), which is what keeps per-device memory of
-# ring attention near 1/P at 8 devices; on the 2-core CPU 0.5 Mi to 4 Mi ran equally fast (docs/benchmarks.md).
+# ring attention near 1/P at 8 devices; on the 2-core CPU 0.5 Mi to 4 Mi ran equally fast (docs/core.md).
 CHUNK_ELEMENTS = 1 << 20
 # Queries per block inside a chunk: short score rows of many small batched matrices.
 QUERY_BLOCK = 128
@@ -144,7 +144,9 @@ def attend(
             out, lse = jax.lax.map(blocks, jnp.arange(nq // steps))  # (nq / steps, 1, h, steps, blk, ...)
             return out.transpose(1, 2, 0, 3, 4, 5).reshape(h, nq, blk, d), lse.transpose(1, 2, 0, 3, 4).reshape(h, nq, blk)
 
-        out, lse = jax.lax.map(row_blocks, (qb, kh, vh, kv_valid, keys))
+        # With dropout, a row's keep-mask is redrawn in the backward pass rather than stored for every row.
+        out, lse = jax.lax.map(jax.checkpoint(row_blocks) if keys is not None else row_blocks,
+                               (qb, kh, vh, kv_valid, keys))
     out = out.reshape(B, h, m, d).swapaxes(1, 2)
     lse = lse.reshape(B, h, m).swapaxes(1, 2)
     return out, lse

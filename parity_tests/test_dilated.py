@@ -261,7 +261,8 @@ def test_dropout_rate_is_honoured_and_reproducible():
                          ids=["one-shot", "rows", "query-blocks-2", "query-blocks-1", "tiny"])
 def test_improved_chunking_paths_match_reference(chunk, monkeypatch):
     """Every way ``attend`` walks the scores (all at once; whole rows per step; a few query blocks of a
-    row per step) gives the reference values, standard's gradients and the same dropout mask."""
+    row per step) gives the reference values, standard's gradients, and the same dropout mask and
+    dropout gradients."""
     from jax_dilated import _softmax
 
     rng = np.random.default_rng()
@@ -277,14 +278,19 @@ def test_improved_chunking_paths_match_reference(chunk, monkeypatch):
     monkeypatch.setattr(_softmax, "CHUNK_ELEMENTS", chunk)
     got = jd.improved_dilated_attention(*args, **kw)
     grads = jax.grad(loss(jd.improved_dilated_attention), argnums=(0, 1, 2))(*args)
-    dropped = jd.improved_dilated_attention(*args, dropout_rate=0.3, dropout_rng=key, **kw)
+    with_dropout = lambda q, k, v, **kw: jd.improved_dilated_attention(q, k, v, dropout_rate=0.3, dropout_rng=key, **kw)
+    dropped = with_dropout(*args, **kw)
+    dropped_grads = jax.grad(loss(with_dropout), argnums=(0, 1, 2))(*args)
     monkeypatch.setattr(_softmax, "CHUNK_ELEMENTS", 1 << 30)
     jax.clear_caches()
-    dropped_at_once = jd.improved_dilated_attention(*args, dropout_rate=0.3, dropout_rng=key, **kw)
+    dropped_at_once = with_dropout(*args, **kw)
+    dropped_grads_at_once = jax.grad(loss(with_dropout), argnums=(0, 1, 2))(*args)
     np.testing.assert_allclose(got, ref.dilated_attention(q, k, v, **kw), rtol=0, atol=1e-10)
     for g, e in zip(grads, expected_grads):
         np.testing.assert_allclose(g, e, rtol=0, atol=1e-9)
     np.testing.assert_allclose(dropped, dropped_at_once, rtol=0, atol=1e-12)
+    for g, e in zip(dropped_grads, dropped_grads_at_once):
+        np.testing.assert_allclose(g, e, rtol=0, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
