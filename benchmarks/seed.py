@@ -15,7 +15,7 @@ from typing import Sequence
 
 from benchmarks.case import SEED_VARIANTS, Case
 
-#: Where the seed table lives, relative to the repository root.
+#: Where the seed table lives: benchmarks/seed_data/, a copy of the project's ../shared/seed/
 SEED_DIR = Path(__file__).resolve().parent / "seed_data"
 SEED_SEQ_LENS: tuple[int, ...] = (4096, 8192)
 SEED_BATCH, SEED_HEADS, SEED_HEAD_DIM = 2, 8, 64  # head_dim: the seed's embed_dim 512 / 8 heads
