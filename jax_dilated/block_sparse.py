@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_dilated._config import check_dropout, check_key_padding_mask, check_qkv, default_scale
-from jax_dilated._softmax import attend, merge_lse
+from jax_dilated._softmax import merge_lse
+from jax_dilated.kernels import attend
 
 Array = jax.Array
 

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_dilated._config import Branch, DilatedConfig, check_dropout, check_key_padding_mask, check_qkv, default_scale
-from jax_dilated._softmax import attend, merge_lse, stats_dtype
+from jax_dilated._softmax import merge_lse
+from jax_dilated.kernels import Backend, attend, resolve
 
 Array = jax.Array
 
@@ -49,7 +50,7 @@ def combine_branches(cfg: DilatedConfig, branches: tuple[Branch, ...], outs: lis
     return merge_lse(group_outs, group_lses)[0]
 
 
-def _run(q, k, v, key_padding_mask, dropout_rng, *, cfg, is_causal, scale, dropout_rate, attend_branch):
+def _run(q, k, v, key_padding_mask, dropout_rng, *, cfg, is_causal, scale, dropout_rate, attend_branch, backend):
     b, n, h, d = q.shape
     if n == 0:
         return jnp.zeros_like(q)
@@ -59,7 +60,7 @@ def _run(q, k, v, key_padding_mask, dropout_rng, *, cfg, is_causal, scale, dropo
     for idx, br in enumerate(branches):
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, idx)
         o, l = attend_branch(q, k, v, key_padding_mask, br, scale=scale, is_causal=is_causal,
-                             dropout_rate=dropout_rate, dropout_rng=rng)
+                             dropout_rate=dropout_rate, dropout_rng=rng, implementation=backend)
         outs.append(o)
         lses.append(l)
     return combine_branches(cfg, branches, outs, lses).astype(q.dtype)
@@ -82,7 +83,7 @@ def _standard_branch(q, k, v, key_padding_mask, br: Branch, **kw):
     valid = None
     if key_padding_mask is not None:
         valid = ~key_padding_mask[:, pos].reshape(b * (n // br.segment), m)
-    o, l = attend(gather(q), gather(k), gather(v), kv_valid=valid, chunked=False, **kw)
+    o, l = attend(gather(q), gather(k), gather(v), kv_valid=valid, **kw)
     o = o.reshape(b, -1, len(heads), d)
     l = l.reshape(b, -1, len(heads))
     out = jnp.zeros((b, n, len(heads), d), o.dtype).at[:, pos].set(o)
@@ -93,7 +94,7 @@ def _standard_branch(q, k, v, key_padding_mask, br: Branch, **kw):
 @functools.partial(jax.jit, static_argnames=("cfg", "is_causal", "scale", "dropout_rate"))
 def _standard(q, k, v, key_padding_mask, dropout_rng, *, cfg, is_causal, scale, dropout_rate):
     return _run(q, k, v, key_padding_mask, dropout_rng, cfg=cfg, is_causal=is_causal, scale=scale,
-                dropout_rate=dropout_rate, attend_branch=_standard_branch)
+                dropout_rate=dropout_rate, attend_branch=_standard_branch, backend=None)
 
 
 def dilated_attention(
@@ -171,10 +172,10 @@ def improved_branch(q, k, v, key_padding_mask, br: Branch, **kw):
     return undilate(o, br, b, 0.0), undilate(l, br, b, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "is_causal", "scale", "dropout_rate"))
-def _improved(q, k, v, key_padding_mask, dropout_rng, *, cfg, is_causal, scale, dropout_rate):
+@functools.partial(jax.jit, static_argnames=("cfg", "is_causal", "scale", "dropout_rate", "backend"))
+def _improved(q, k, v, key_padding_mask, dropout_rng, *, cfg, is_causal, scale, dropout_rate, backend):
     return _run(q, k, v, key_padding_mask, dropout_rng, cfg=cfg, is_causal=is_causal, scale=scale,
-                dropout_rate=dropout_rate, attend_branch=improved_branch)
+                dropout_rate=dropout_rate, attend_branch=improved_branch, backend=backend)
 
 
 def improved_dilated_attention(
@@ -190,12 +191,18 @@ def improved_dilated_attention(
     key_padding_mask: Array | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
+    implementation: str | Backend | None = None,
 ) -> Array:
     """Dilated attention, fast form. Same arguments, shapes and result as :func:`dilated_attention`.
 
     Dilation is a strided reshape (no index gathers), all segments of a branch go through one
     batched attention call, and the output is assembled by padding, never by scatter.
+
+    Args:
+      implementation: the attention kernel (``jax_dilated.kernels``): None chooses, ``"xla"`` is
+        the portable tiled kernel, ``jax_dilated.kernels.Xla(tiling=...)`` fixes its tiles.
     """
     cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask, dropout_rate, dropout_rng)
+    backend = resolve(implementation)
     return _improved(q, k, v, key_padding_mask, dropout_rng, cfg=cfg, is_causal=bool(is_causal),
-                     scale=None if scale is None else float(scale), dropout_rate=float(dropout_rate))
+                     scale=None if scale is None else float(scale), dropout_rate=float(dropout_rate), backend=backend)

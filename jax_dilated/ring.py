@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_dilated._config import Branch, DilatedConfig, default_scale
-from jax_dilated._softmax import attend, merge_lse
+from jax_dilated._softmax import merge_lse
+from jax_dilated.kernels import attend
 from jax_dilated.dilated import (combine_branches, dilate, heads_slice, improved_branch, improved_dilated_attention,
                                  undilate, validate)
 
@@ -118,7 +119,7 @@ def _device_body(q, k, v, key_padding_mask, *, cfg, chunk, spans, num_devices, a
         span = spans[br.group]
         if span == 1:
             o, l = improved_branch(q, k, v, key_padding_mask, br, scale=scale, is_causal=is_causal,
-                                    dropout_rate=0.0, dropout_rng=None)
+                                    dropout_rate=0.0, dropout_rng=None, implementation=None)
         else:
             o, l = _spanning_branch(q, k, v, key_padding_mask, br, chunk=chunk, span=span,
                                     num_devices=num_devices, axis_name=axis_name, scale=scale, is_causal=is_causal)

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jax_dilated as jd
+from jax_dilated.kernels import Tiling, Xla
 import torch_ref as tr
 from parity_tests import reference as ref
 from parity_tests.implementations import DILATED
@@ -257,39 +258,38 @@ def test_dropout_rate_is_honoured_and_reproducible():
     np.testing.assert_allclose(a, b, atol=1e-5)  # standard and improved draw the same mask
 
 
-@pytest.mark.parametrize("chunk", [1 << 30, 2 * 256 * 256, 4 * 128 * 256, 128 * 256, 1],
-                         ids=["one-shot", "rows", "query-blocks-2", "query-blocks-1", "tiny"])
-def test_improved_chunking_paths_match_reference(chunk, monkeypatch):
-    """Every way ``attend`` walks the scores (all at once; whole rows per step; a few query blocks of a
-    row per step) gives the reference values, standard's gradients, and the same dropout mask and
-    dropout gradients."""
-    from jax_dilated import _softmax
+TILINGS = {
+    "one-step": Tiling(step_scores=1 << 30),
+    "unit-steps-causal-tiles": Tiling(step_scores=256 * 256, causal_tiles=4, causal_tile_min=16),
+    "long-rows": Tiling(step_scores=1, query_tile=96, key_tile=80),
+}
 
+
+@pytest.mark.parametrize("tiling", TILINGS.values(), ids=TILINGS.keys())
+def test_improved_tiling_paths_match_reference(tiling):
+    """Every way the kernel walks the scores (one step; unit steps with causal tiles; query tiles with
+    key tiles), chosen through ``implementation=Xla(tiling=...)``, gives the reference values,
+    standard's gradients, and the same dropout mask and dropout gradients as the default tiling."""
     rng = np.random.default_rng()
-    b, n, h, d = 2, 512, 2, 4  # kept positions per segment m = 256 = 2 query blocks of 128
+    b, n, h, d = 2, 512, 2, 4  # kept positions per segment m = 256
     q, k, v = random_qkv(rng, b, n, h, d)
     mask = random_padding(rng, b, n)
     kw = dict(segment_lengths=(256, 512), dilation_rates=(1, 2), is_causal=True, key_padding_mask=mask)
-    loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, **kw)))
+    loss = lambda f, **extra: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, **kw, **extra)))
     key = jax.random.key(int(rng.integers(2**31)))
     args = [jnp.asarray(x) for x in (q, k, v)]
-    expected_grads = jax.grad(loss(jd.dilated_attention), argnums=(0, 1, 2))(*args)
-    jax.clear_caches()
-    monkeypatch.setattr(_softmax, "CHUNK_ELEMENTS", chunk)
-    got = jd.improved_dilated_attention(*args, **kw)
-    grads = jax.grad(loss(jd.improved_dilated_attention), argnums=(0, 1, 2))(*args)
-    with_dropout = lambda q, k, v, **kw: jd.improved_dilated_attention(q, k, v, dropout_rate=0.3, dropout_rng=key, **kw)
-    dropped = with_dropout(*args, **kw)
-    dropped_grads = jax.grad(loss(with_dropout), argnums=(0, 1, 2))(*args)
-    monkeypatch.setattr(_softmax, "CHUNK_ELEMENTS", 1 << 30)
-    jax.clear_caches()
-    dropped_at_once = with_dropout(*args, **kw)
-    dropped_grads_at_once = jax.grad(loss(with_dropout), argnums=(0, 1, 2))(*args)
+    grad = lambda fn: jax.jit(jax.grad(fn, argnums=(0, 1, 2)))(*args)
+    impl = dict(implementation=Xla(tiling))
+    drop = dict(dropout_rate=0.3, dropout_rng=key)
+    expected_grads = grad(loss(jd.dilated_attention))
+    got = jd.improved_dilated_attention(*args, **kw, **impl)
     np.testing.assert_allclose(got, ref.dilated_attention(q, k, v, **kw), rtol=0, atol=1e-10)
-    for g, e in zip(grads, expected_grads):
+    for g, e in zip(grad(loss(jd.improved_dilated_attention, **impl)), expected_grads):
         np.testing.assert_allclose(g, e, rtol=0, atol=1e-9)
-    np.testing.assert_allclose(dropped, dropped_at_once, rtol=0, atol=1e-12)
-    for g, e in zip(dropped_grads, dropped_grads_at_once):
+    dropped = jd.improved_dilated_attention(*args, **kw, **drop, **impl)
+    np.testing.assert_allclose(dropped, jd.improved_dilated_attention(*args, **kw, **drop), rtol=0, atol=1e-12)
+    for g, e in zip(grad(loss(jd.improved_dilated_attention, **drop, **impl)),
+                    grad(loss(jd.improved_dilated_attention, **drop))):
         np.testing.assert_allclose(g, e, rtol=0, atol=1e-9)
 
 
