@@ -13,10 +13,10 @@ TEST_ARGS ?=
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install "$(TORCH_SPEC)" -e ".[dev,bench]"
+	$(PY) -m pip install "$(TORCH_SPEC)" -e ".[torch,dev,bench,notebooks]"
 	touch $@
 
-.PHONY: install bench test
+.PHONY: install bench test lint
 install: $(VENV)/.installed
 
 bench: $(VENV)/.installed
@@ -24,6 +24,12 @@ bench: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --dist loadfile -q $(TEST_ARGS)
+
+# Lint, format and types of the three packages (ruff and mypy; settings in pyproject.toml).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check
+	$(VENV)/bin/ruff format --check
+	$(VENV)/bin/mypy
 
 # The longer CPU runs behind the figures quoted in docs/ (about 9 minutes on a 2-core CPU); the
 # default `make bench` already covers every variant at n = 4096 and 8192.

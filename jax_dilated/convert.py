@@ -9,7 +9,8 @@ torch -> NNX -> torch returns the same bits. This module never imports torch at 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -52,19 +53,34 @@ def load_torch_state_dict(module: nnx.Module, state_dict: Mapping[str, Any]) -> 
     dtype (a no-op, hence bit-exact, when the dtypes agree).
     """
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict has type {type(state_dict).__name__}; pass a mapping name -> tensor "
-                        f"(e.g. torch_module.state_dict()).")
+        raise TypeError(
+            f"state_dict has type {type(state_dict).__name__}; pass a mapping name -> tensor "
+            f"(e.g. torch_module.state_dict())."
+        )
     params = _params(module)
     arrays = {name: _to_numpy(v) for name, v in state_dict.items()}
     missing = sorted(set(params) - set(arrays))
     unexpected = sorted(set(arrays) - set(params))
-    misshaped = sorted(f"{name}: got {tuple(arrays[name].shape)}, expected {tuple(params[name].shape)}"
-                       for name in set(params) & set(arrays) if tuple(arrays[name].shape) != tuple(params[name].shape))
+    misshaped = sorted(
+        f"{name}: got {tuple(arrays[name].shape)}, expected {tuple(params[name].shape)}"
+        for name in set(params) & set(arrays)
+        if tuple(arrays[name].shape) != tuple(params[name].shape)
+    )
     if missing or unexpected or misshaped:
-        parts = [f"{label}: {items}" for label, items in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped)) if items]
-        raise ValueError(f"state_dict does not match {type(module).__name__}: " + "; ".join(parts)
-                         + ". Build the module with the same embed_dim, bias and layer_norm as the torch module.")
+        parts = [
+            f"{label}: {items}"
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("wrong shapes", misshaped),
+            )
+            if items
+        ]
+        raise ValueError(
+            f"state_dict does not match {type(module).__name__}: "
+            + "; ".join(parts)
+            + ". Build the module with the same embed_dim, bias and layer_norm as the torch module."
+        )
     for name, var in params.items():
         var[...] = jnp.asarray(arrays[name], dtype=var[...].dtype)
 
@@ -77,7 +93,9 @@ def load_torch_checkpoint(module: nnx.Module, path: str | os.PathLike) -> None:
     try:
         import torch
     except ImportError as err:
-        raise ImportError("load_torch_checkpoint needs PyTorch to read .pt files; install torch, or load the "
-                          "state dict elsewhere and call load_torch_state_dict with NumPy arrays.") from err
+        raise ImportError(
+            "load_torch_checkpoint needs PyTorch to read .pt files; install torch, or load the "
+            "state dict elsewhere and call load_torch_state_dict with NumPy arrays."
+        ) from err
     state_dict = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     load_torch_state_dict(module, state_dict)

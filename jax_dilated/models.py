@@ -18,13 +18,16 @@ from :class:`torch_ref.models.LongNetLM` exactly. See docs/models.md.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_dilated.multihead import ImprovedMultiheadDilatedAttention, _check_positive_int, _LayerNorm, _Linear
+from dilated_plan.checks import check_positive_int
+from jax_dilated.layers import LayerNorm, Linear
+from jax_dilated.multihead import ImprovedMultiheadDilatedAttention
 
 Array = jax.Array
 
@@ -55,18 +58,37 @@ class DilatedDecoderBlock(nnx.Module):
       rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` when ``dropout > 0``).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
-                 *, mlp_ratio: int = 4, dropout: float = 0.0, merge: str = "head_partition", dtype: Any = None,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        hidden = _check_positive_int("mlp_ratio", mlp_ratio) * embed_dim
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        merge: str = "head_partition",
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        hidden = check_positive_int("mlp_ratio", mlp_ratio) * embed_dim
         self.dtype = dtype
-        self.norm1 = _LayerNorm(embed_dim, eps=1e-5, param_dtype=param_dtype)
-        self.attn = ImprovedMultiheadDilatedAttention(embed_dim, num_heads, segment_lengths, dilation_rates,
-                                                      dropout=dropout, merge=merge, dtype=dtype,
-                                                      param_dtype=param_dtype, rngs=rngs)
-        self.norm2 = _LayerNorm(embed_dim, eps=1e-5, param_dtype=param_dtype)
-        self.mlp_in = _Linear(embed_dim, hidden, bias=True, gain=1.0, param_dtype=param_dtype, rngs=rngs)
-        self.mlp_out = _Linear(hidden, embed_dim, bias=True, gain=1.0, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = LayerNorm(embed_dim, eps=1e-5, param_dtype=param_dtype)
+        self.attn = ImprovedMultiheadDilatedAttention(
+            embed_dim,
+            num_heads,
+            segment_lengths,
+            dilation_rates,
+            dropout=dropout,
+            merge=merge,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.norm2 = LayerNorm(embed_dim, eps=1e-5, param_dtype=param_dtype)
+        self.mlp_in = Linear(embed_dim, hidden, bias=True, gain=1.0, param_dtype=param_dtype, rngs=rngs)
+        self.mlp_out = Linear(hidden, embed_dim, bias=True, gain=1.0, param_dtype=param_dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
 
     def __call__(self, x: Array, *, key_padding_mask: Array | None = None, deterministic: bool | None = None) -> Array:
@@ -106,13 +128,27 @@ class LongNetLM(nnx.Module):
         logits = model(jnp.zeros((2, 512), jnp.int32))        # (2, 512, 256)
     """
 
-    def __init__(self, vocab_size: int, embed_dim: int, num_heads: int, num_layers: int,
-                 segment_lengths: Sequence[int], dilation_rates: Sequence[int], *, mlp_ratio: int = 4,
-                 dropout: float = 0.0, tie_embeddings: bool = True, merge: str = "head_partition",
-                 dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        _check_positive_int("vocab_size", vocab_size)
-        _check_positive_int("num_layers", num_layers)
-        if _check_positive_int("embed_dim", embed_dim) % 2:
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int,
+        num_heads: int,
+        num_layers: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+        merge: str = "head_partition",
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        vocab_size = check_positive_int("vocab_size", vocab_size)
+        num_layers = check_positive_int("num_layers", num_layers)
+        embed_dim = check_positive_int("embed_dim", embed_dim)
+        if embed_dim % 2:
             raise ValueError(f"embed_dim={embed_dim} is odd; sinusoidal positions need an even embed_dim.")
         if not isinstance(tie_embeddings, bool):
             raise ValueError(f"tie_embeddings={tie_embeddings!r} must be True or False.")
@@ -121,20 +157,36 @@ class LongNetLM(nnx.Module):
         self.tie_embeddings = tie_embeddings
         self.dtype = dtype
         self.param_dtype = param_dtype
-        init = jax.nn.initializers.normal(embed_dim ** -0.5)
+        init = jax.nn.initializers.normal(embed_dim**-0.5)
         self.token_embedding = nnx.Param(init(rngs.params(), (vocab_size, embed_dim), param_dtype))
-        self.blocks = nnx.List([
-            DilatedDecoderBlock(embed_dim, num_heads, segment_lengths, dilation_rates, mlp_ratio=mlp_ratio,
-                                dropout=dropout, merge=merge, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for _ in range(num_layers)
-        ])
-        self.norm = _LayerNorm(embed_dim, eps=1e-5, param_dtype=param_dtype)
-        self.lm_head = (nnx.data(None) if tie_embeddings else
-                        _Linear(embed_dim, vocab_size, bias=False, gain=1.0, param_dtype=param_dtype, rngs=rngs))
+        self.blocks = nnx.List(
+            [
+                DilatedDecoderBlock(
+                    embed_dim,
+                    num_heads,
+                    segment_lengths,
+                    dilation_rates,
+                    mlp_ratio=mlp_ratio,
+                    dropout=dropout,
+                    merge=merge,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    rngs=rngs,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm = LayerNorm(embed_dim, eps=1e-5, param_dtype=param_dtype)
+        self.lm_head = (
+            nnx.data(None)
+            if tie_embeddings
+            else Linear(embed_dim, vocab_size, bias=False, gain=1.0, param_dtype=param_dtype, rngs=rngs)
+        )
         self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
 
-    def __call__(self, tokens: Array, *, key_padding_mask: Array | None = None,
-                 deterministic: bool | None = None) -> Array:
+    def __call__(
+        self, tokens: Array, *, key_padding_mask: Array | None = None, deterministic: bool | None = None
+    ) -> Array:
         """Next-token logits.
 
         Args:
@@ -147,8 +199,10 @@ class LongNetLM(nnx.Module):
           ``(b, n, vocab_size)`` logits in the computation dtype.
         """
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens has shape {tuple(tokens.shape)} and dtype {tokens.dtype}; pass integer "
-                             f"token ids of shape (batch, seq).")
+            raise ValueError(
+                f"tokens has shape {tuple(tokens.shape)} and dtype {tokens.dtype}; pass integer "
+                f"token ids of shape (batch, seq)."
+            )
         dtype = self.dtype if self.dtype is not None else self.param_dtype
         emb = self.token_embedding[...].astype(dtype)
         x = jnp.take(emb, tokens, axis=0) * math.sqrt(self.embed_dim)
@@ -157,6 +211,6 @@ class LongNetLM(nnx.Module):
         for block in self.blocks:
             x = block(x, key_padding_mask=key_padding_mask, deterministic=deterministic)
         h = self.norm(x)
-        if self.tie_embeddings:
+        if self.lm_head is None:
             return jnp.einsum("bne,ve->bnv", h, emb)
         return self.lm_head(h, dtype)

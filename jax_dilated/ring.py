@@ -1,4 +1,4 @@
-"""Ring dilated attention: the standard function with the sequence sharded over a mesh axis (SPEC.md 7).
+"""Ring dilated attention: the standard function with the sequence sharded over a mesh axis (semantics 7).
 
 Every device holds one contiguous chunk of ``c = n / P`` positions of ``q``, ``k`` and ``v``. Each
 attention branch (a group's heads and offset) is handled on its own:
@@ -18,59 +18,37 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.typing import ArrayLike
 
-from jax_dilated._config import Branch, DilatedConfig, default_scale
-from jax_dilated._softmax import merge_lse
-from jax_dilated.kernels import attend
-from jax_dilated.dilated import (combine_branches, dilate, heads_slice, improved_branch, improved_dilated_attention,
-                                 undilate, validate)
+from dilated_plan import Branch, default_scale, ring_plan
+from jax_dilated.branches import branch_attention, combine_branches, dilate, merge_lse, undilate
+from jax_dilated.dilated import improved_dilated_attention, validate
+from jax_dilated.kernels import Backend, attend, resolve
 
 Array = jax.Array
 
 
-def ring_plan(n: int, num_devices: int, cfg: DilatedConfig) -> tuple[int, tuple[int, ...]]:
-    """Check the SPEC 7 sharding constraints and return ``(chunk, devices_per_segment)``.
-
-    ``devices_per_segment[i]`` is 1 for a group whose segments fit inside a chunk (no communication)
-    and ``s_i / c`` for a group whose segments span several devices (``s_i / c - 1`` hops).
-
-    Raises:
-      ValueError: ``n % P != 0``; a segment length that neither divides the chunk nor is a multiple of
-        it; a chunk that is not a multiple of a dilation rate. The message names ``n``, ``P``, the
-        chunk and the segment.
-    """
-    p = num_devices
-    if n % p:
-        raise ValueError(
-            f"ring attention: sequence length n={n} is not divisible by P={p} devices, so there is no whole "
-            f"chunk per device (segment_lengths={cfg.segment_lengths}); use a sequence length that is a "
-            f"multiple of {p} or a mesh axis whose size divides {n}."
-        )
-    c = n // p
-    spans = []
-    for s, r in zip(cfg.segment_lengths, cfg.dilation_rates):
-        if c % s and s % c:
-            raise ValueError(
-                f"ring attention: n={n} over P={p} devices gives chunk c={c}, and segment length s={s} "
-                f"neither divides the chunk nor is a multiple of it; choose P so that every segment "
-                f"length divides c or is a multiple of c (e.g. powers of two)."
-            )
-        if c % r:
-            raise ValueError(
-                f"ring attention: n={n} over P={p} devices gives chunk c={c}, which is not a multiple of the "
-                f"dilation rate r={r} of segment s={s}; choose P so that every dilation rate divides the chunk."
-            )
-        spans.append(max(1, s // c))
-    return c, tuple(spans)
-
-
-def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, chunk: int, span: int, num_devices: int,
-                     axis_name: str, scale: float, is_causal: bool):
+def _spanning_branch(
+    q,
+    k,
+    v,
+    key_padding_mask,
+    br: Branch,
+    *,
+    chunk: int,
+    span: int,
+    num_devices: int,
+    axis_name: str,
+    scale: float,
+    is_causal: bool,
+    backend: Backend,
+):
     """One branch whose segments span ``span`` devices; per-device arrays ``(b, chunk, ...)``.
 
     A segment starts on a chunk boundary, so the branch's kept positions inside this chunk are the
@@ -80,11 +58,11 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, chunk: int, span:
     """
     b = q.shape[0]
     local = dataclasses.replace(br, segment=chunk)
-    hs = heads_slice(br.heads)
+    hs = br.head_slice
     qd = dilate(q[:, :, hs], local)  # (b, chunk/r, heads_of_branch, d)
     kv = jnp.stack([dilate(k[:, :, hs], local), dilate(v[:, :, hs], local)])  # one array: one permute per hop
     valid = None if key_padding_mask is None else ~dilate(key_padding_mask, local)
-    out, lse = attend(qd, kv[0], kv[1], scale=scale, is_causal=is_causal, kv_valid=valid)
+    out, lse = attend(qd, kv[0], kv[1], scale=scale, is_causal=is_causal, kv_valid=valid, implementation=backend)
     # Send to the next device of the same segment group. Without causality the blocks wrap around the
     # group (a ring); under causality a wrapped block would only ever reach devices it lies in the future
     # of, so the last device of a group sends nothing (a shift) and its neighbour receives zeros it skips.
@@ -97,7 +75,7 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, chunk: int, span:
             valid = jax.lax.ppermute(valid, axis_name, perm)
 
         def step(acc, kv=kv, valid=valid):
-            o, l = attend(qd, kv[0], kv[1], scale=scale, is_causal=False, kv_valid=valid)
+            o, l = attend(qd, kv[0], kv[1], scale=scale, is_causal=False, kv_valid=valid, implementation=backend)
             return merge_lse([acc[0], o], [acc[1], l])
 
         if is_causal:
@@ -109,7 +87,7 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, chunk: int, span:
     return undilate(out, local, b, 0.0), undilate(lse, local, b, -jnp.inf)
 
 
-def _device_body(q, k, v, key_padding_mask, *, cfg, chunk, spans, num_devices, axis_name, is_causal, scale):
+def _device_body(q, k, v, key_padding_mask, *, cfg, chunk, spans, num_devices, axis_name, is_causal, scale, backend):
     """Per-device program: ``(b, chunk, h, d)`` in, ``(b, chunk, h, d)`` out."""
     h = q.shape[2]
     scale = default_scale(q.shape[3], scale)
@@ -118,35 +96,58 @@ def _device_body(q, k, v, key_padding_mask, *, cfg, chunk, spans, num_devices, a
     for br in branches:
         span = spans[br.group]
         if span == 1:
-            o, l = improved_branch(q, k, v, key_padding_mask, br, scale=scale, is_causal=is_causal,
-                                    dropout_rate=0.0, dropout_rng=None, implementation=None)
+            o, l = branch_attention(
+                q, k, v, key_padding_mask, br, scale=scale, is_causal=is_causal, implementation=backend
+            )
         else:
-            o, l = _spanning_branch(q, k, v, key_padding_mask, br, chunk=chunk, span=span,
-                                    num_devices=num_devices, axis_name=axis_name, scale=scale, is_causal=is_causal)
+            o, l = _spanning_branch(
+                q,
+                k,
+                v,
+                key_padding_mask,
+                br,
+                chunk=chunk,
+                span=span,
+                num_devices=num_devices,
+                axis_name=axis_name,
+                scale=scale,
+                is_causal=is_causal,
+                backend=backend,
+            )
         outs.append(o)
         lses.append(l)
     return combine_branches(cfg, branches, outs, lses).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "axis_name", "is_causal", "scale"))
-def _ring(q, k, v, key_padding_mask, *, cfg, mesh, axis_name, is_causal, scale):
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "axis_name", "is_causal", "scale", "backend"))
+def _ring(q, k, v, key_padding_mask, *, cfg, mesh, axis_name, is_causal, scale, backend):
     num_devices = mesh.shape[axis_name]
     chunk, spans = ring_plan(q.shape[1], num_devices, cfg)
     seq = PartitionSpec(None, axis_name)
-    body = functools.partial(_device_body, cfg=cfg, chunk=chunk, spans=spans, num_devices=num_devices,
-                             axis_name=axis_name, is_causal=is_causal, scale=scale)
+    body = functools.partial(
+        _device_body,
+        cfg=cfg,
+        chunk=chunk,
+        spans=spans,
+        num_devices=num_devices,
+        axis_name=axis_name,
+        is_causal=is_causal,
+        scale=scale,
+        backend=backend,
+    )
     if key_padding_mask is None:
-        fn = jax.shard_map(lambda q, k, v: body(q, k, v, None), mesh=mesh, in_specs=(seq, seq, seq),
-                           out_specs=seq, check_vma=True)
+        fn = jax.shard_map(
+            lambda q, k, v: body(q, k, v, None), mesh=mesh, in_specs=(seq, seq, seq), out_specs=seq, check_vma=True
+        )
         return fn(q, k, v)
     fn = jax.shard_map(body, mesh=mesh, in_specs=(seq, seq, seq, seq), out_specs=seq, check_vma=True)
     return fn(q, k, v, key_padding_mask)
 
 
 def ring_dilated_attention(
-    q: Array,
-    k: Array,
-    v: Array,
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
     *,
     segment_lengths: Sequence[int],
     dilation_rates: Sequence[int],
@@ -155,9 +156,10 @@ def ring_dilated_attention(
     is_causal: bool = False,
     scale: float | None = None,
     merge: str = "head_partition",
-    key_padding_mask: Array | None = None,
+    key_padding_mask: ArrayLike | None = None,
+    implementation: str | Backend | None = None,
 ) -> Array:
-    """Dilated attention with the sequence sharded over the ``axis_name`` axis of ``mesh`` (SPEC.md 7).
+    """Dilated attention with the sequence sharded over the ``axis_name`` axis of ``mesh`` (semantics 7).
 
     Computes exactly :func:`jax_dilated.dilated_attention`. Device ``p`` of the axis holds positions
     ``[p * c, (p + 1) * c)`` with ``c = n / P``. Groups whose segments fit in a chunk communicate
@@ -173,38 +175,60 @@ def ring_dilated_attention(
       axis_name: the mesh axis the sequence is sharded over.
       key_padding_mask: optional ``(b, n)`` boolean, True = padding; sharded like the sequence and
         passed around with the key/value blocks.
+      implementation: the attention kernel of every local block (see :func:`dilated_attention`).
 
     Returns:
       ``(b, n, h, d)`` in the dtype of ``q``, sharded as ``PartitionSpec(None, axis_name)`` on ``mesh``.
 
     Raises:
-      ValueError: the checks of :func:`dilated_attention`, an unknown ``axis_name``, and the SPEC 7
-        sharding constraints (see :func:`ring_plan`).
+      ValueError: the checks of :func:`dilated_attention`, an unknown ``axis_name``, and the
+        sharding constraints of :func:`dilated_plan.ring_plan`.
 
-    Example::
-
-        mesh = jax.make_mesh((8,), ("seq",))
-        out = ring_dilated_attention(q, k, v, segment_lengths=(2048, 8192), dilation_rates=(1, 4), mesh=mesh)
+    >>> q = k = v = jnp.ones((1, 64, 2, 8), jnp.float32)
+    >>> mesh = jax.make_mesh((1,), ("seq",))
+    >>> ring_dilated_attention(q, k, v, segment_lengths=(16, 64), dilation_rates=(1, 4), mesh=mesh).shape
+    (1, 64, 2, 8)
     """
-    cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask)
-    kw = dict(segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates, is_causal=is_causal,
-              scale=scale, merge=merge, key_padding_mask=key_padding_mask)
+    q, k, v = (jnp.asarray(x) for x in (q, k, v))
+    mask = None if key_padding_mask is None else jnp.asarray(key_padding_mask)
+    cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, mask)
+    backend = resolve(implementation)
+    kw: dict[str, Any] = dict(
+        segment_lengths=cfg.segment_lengths,
+        dilation_rates=cfg.dilation_rates,
+        is_causal=is_causal,
+        scale=scale,
+        merge=merge,
+        key_padding_mask=mask,
+        implementation=backend,
+    )
     if mesh is None:
         return improved_dilated_attention(q, k, v, **kw)
     if axis_name not in mesh.shape:
-        raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}; pass one of "
-                         f"{tuple(mesh.shape)}.")
+        raise ValueError(
+            f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}; pass one of {tuple(mesh.shape)}."
+        )
     n = q.shape[1]
     num_devices = mesh.shape[axis_name]
     if num_devices == 1 or n == 0:
         return improved_dilated_attention(q, k, v, **kw)
     ring_plan(n, num_devices, cfg)  # raise before tracing, with the sharding named
     seq = NamedSharding(mesh, PartitionSpec(None, axis_name))
-    args = [q, k, v] + ([] if key_padding_mask is None else [key_padding_mask])
+    args = [q, k, v] + ([] if mask is None else [mask])
     # Onto the mesh, sharded along the sequence: a no-op when already so; under jit it is traced as a
     # transfer, so arrays committed to other devices are accepted too.
     args = [jax.device_put(x, seq) for x in args]
     q, k, v = args[:3]
-    mask = args[3] if key_padding_mask is not None else None
-    return _ring(q, k, v, mask, cfg=cfg, mesh=mesh, axis_name=axis_name, is_causal=bool(is_causal),
-                 scale=None if scale is None else float(scale))
+    mask = args[3] if mask is not None else None
+    return _ring(
+        q,
+        k,
+        v,
+        mask,
+        cfg=cfg,
+        mesh=mesh,
+        axis_name=axis_name,
+        is_causal=bool(is_causal),
+        scale=None if scale is None else float(scale),
+        backend=backend,
+    )

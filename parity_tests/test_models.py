@@ -74,7 +74,7 @@ def test_causal():
 def test_torch_parity_float64(tie):
     rng = np.random.default_rng()
     model = _model(int(rng.integers(1 << 30)), tie_embeddings=tie, param_dtype=jnp.float64)
-    ref = tm.LongNetLM(VOCAB, E, H, L, SEGS, RATES, tie_embeddings=tie, param_dtype=torch.float64)
+    ref = tm.LongNetLM(VOCAB, E, H, L, SEGS, RATES, tie_embeddings=tie, dtype=torch.float64)
     ref.load_state_dict({k: torch.tensor(v) for k, v in jd.to_torch_state_dict(model).items()})
     ref.eval()
     tokens = _tokens(rng, n=32)

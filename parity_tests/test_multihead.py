@@ -80,7 +80,7 @@ def _inputs(rng, cross: bool, padded: bool, b: int = B):
 
 def _pair(kind: Kind, dtype=torch.float64, **kw):
     """A torch module with fresh random weights (non-zero biases, non-trivial LayerNorm) and its NNX twin."""
-    tm = kind.torch(param_dtype=dtype, **kw)
+    tm = kind.torch(dtype=dtype, **kw)
     with torch.no_grad():
         for name, p in tm.named_parameters():
             if not name.endswith("weight") or name.startswith("norm"):
@@ -164,7 +164,9 @@ def test_options_bias_and_layer_norm(bias, layer_norm):
 
 
 def test_float32_and_dtype_options():
-    """float32 parity within SPEC tolerance; `dtype` sets the computation dtype, `param_dtype` the weights'."""
+    """float32 parity within SPEC tolerance. NNX: `dtype` sets the computation dtype, `param_dtype` the
+    weights'. torch: `dtype` is the factory dtype of the weights, and a call computes in the promotion
+    of input and weight dtypes, so `module.half()(x.half())` computes in half."""
     kind = KIND["improved-head_partition"]
     tm, jm = _pair(kind, dtype=torch.float32)
     query, _, _, mask = _inputs(_rng(), cross=False, padded=True)
@@ -179,7 +181,12 @@ def test_float32_and_dtype_options():
     bf = kind.jax(dtype=jnp.bfloat16)
     assert bf.q_proj.weight[...].dtype == jnp.float32
     assert bf(jnp.asarray(query, jnp.float32)).dtype == jnp.bfloat16
-    assert kind.torch(dtype=torch.bfloat16)(torch.as_tensor(query, dtype=torch.float32)).dtype == torch.bfloat16
+    tbf = kind.torch(dtype=torch.bfloat16)
+    assert tbf.q_proj.weight.dtype == torch.bfloat16
+    assert tbf(torch.as_tensor(query, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert tbf(torch.as_tensor(query, dtype=torch.float32)).dtype == torch.float32
+    half = kind.torch().half()
+    assert half(torch.as_tensor(query).half()).dtype == torch.float16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,6 +452,8 @@ def test_attention_fn_rejects_what_it_cannot_honour():
         fn(q, q, q, precision=(jax.lax.Precision.HIGH, jax.lax.Precision.HIGH))
     with pytest.raises(ValueError, match=r"query has shape \(1, 2, 16, 4, 4\); dilated_attention_fn takes 4-D"):
         fn(q[None], q[None], q[None])
+    with pytest.raises(ValueError, match="form='flash' is unknown"):
+        jd.dilated_attention_fn(SEG, RATES, form="flash")
     with pytest.raises(ValueError, match="implementation='flash' is unknown"):
         jd.dilated_attention_fn(SEG, RATES, implementation="flash")
     _, jm = _pair(KIND["improved-head_partition"], layer_norm=False)

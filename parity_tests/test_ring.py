@@ -23,10 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jax_dilated as jd
 import torch_ref as tr
-from jax_dilated._config import DilatedConfig
+from dilated_plan import DilatedConfig, ring_plan
 from parity_tests import reference as ref
-from torch_ref._config import DilatedConfig as TorchConfig
-from torch_ref.ring import ring_plan as torch_ring_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -199,7 +197,7 @@ def test_bad_sharding_raises(n, p, seg, rates, match):
     with pytest.raises(ValueError, match=match):
         jd.ring_dilated_attention(q, q, q, segment_lengths=seg, dilation_rates=rates, mesh=_mesh(p))
     with pytest.raises(ValueError, match=match):
-        torch_ring_plan(n, p, TorchConfig(seg, rates))
+        ring_plan(n, p, DilatedConfig(seg, rates), unit="ranks")
 
 
 def test_unknown_axis_name_raises():

@@ -59,8 +59,8 @@ def test_torch_ring_module_without_process_group_equals_improved():
     rng = np.random.default_rng()
     x = torch.as_tensor(rng.standard_normal((2, 32, 16)))
     pad = torch.as_tensor(rng.random((2, 32)) < 0.2)
-    ring = tr.RingMultiheadDilatedAttention(16, 4, **CFG, param_dtype=torch.float64)
-    improved = tr.ImprovedMultiheadDilatedAttention(16, 4, **CFG, param_dtype=torch.float64)
+    ring = tr.RingMultiheadDilatedAttention(16, 4, **CFG, dtype=torch.float64)
+    improved = tr.ImprovedMultiheadDilatedAttention(16, 4, **CFG, dtype=torch.float64)
     improved.load_state_dict(ring.state_dict())
     with torch.no_grad():
         np.testing.assert_allclose(ring(x, key_padding_mask=pad, is_causal=True).numpy(),

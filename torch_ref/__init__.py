@@ -1,18 +1,34 @@
-"""torch_ref: the PyTorch mirror of jax_dilated (same functions and modules, same names)."""
+"""torch_ref: the PyTorch mirror of jax_dilated (same functions and modules, same names).
 
+Functions take ``(batch, seq, heads, head_dim)`` tensors; modules take ``(batch, seq, embed_dim)``.
+docs/semantics.md says what each computes.
+"""
+
+from dilated_plan import block_layout
+from torch_ref.block_sparse import BlockSparseDilatedAttention, block_sparse_attention
 from torch_ref.dilated import DilatedAttention, ImprovedDilatedAttention, dilated_attention, improved_dilated_attention
-from torch_ref.ring import RingDilatedAttention, ring_dilated_attention
-from torch_ref.block_sparse import BlockSparseDilatedAttention, block_layout, block_sparse_attention
+from torch_ref.models import LongNetLM
 from torch_ref.multihead import (
     BlockSparseMultiheadDilatedAttention,
     ImprovedMultiheadDilatedAttention,
     MultiheadDilatedAttention,
     RingMultiheadDilatedAttention,
 )
-from torch_ref.models import LongNetLM
+from torch_ref.ring import RingDilatedAttention, ring_dilated_attention
 
-__all__ = ["dilated_attention", "improved_dilated_attention", "DilatedAttention", "ImprovedDilatedAttention",
-           "ring_dilated_attention", "RingDilatedAttention",
-           "block_layout", "block_sparse_attention", "BlockSparseDilatedAttention",
-           "MultiheadDilatedAttention", "ImprovedMultiheadDilatedAttention", "BlockSparseMultiheadDilatedAttention", "RingMultiheadDilatedAttention",
-           "LongNetLM"]
+__all__ = [
+    "BlockSparseDilatedAttention",
+    "BlockSparseMultiheadDilatedAttention",
+    "DilatedAttention",
+    "ImprovedDilatedAttention",
+    "ImprovedMultiheadDilatedAttention",
+    "LongNetLM",
+    "MultiheadDilatedAttention",
+    "RingDilatedAttention",
+    "RingMultiheadDilatedAttention",
+    "block_layout",
+    "block_sparse_attention",
+    "dilated_attention",
+    "improved_dilated_attention",
+    "ring_dilated_attention",
+]

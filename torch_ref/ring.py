@@ -1,4 +1,6 @@
-"""Ring dilated attention over a torch.distributed process group (SPEC.md 7); mirror of jax_dilated/ring.py.
+"""Ring dilated attention over a torch.distributed process group (semantics section 7).
+
+The mirror of ``jax_dilated/ring.py``.
 
 Every rank of the group holds one contiguous chunk of ``c = n / P`` positions (rank ``p`` holds
 ``[p * c, (p + 1) * c)``) and returns the same chunk of the output. Per attention branch:
@@ -15,51 +17,20 @@ No rank ever holds another rank's whole chunk of ``k``/``v``, only one dilated b
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from torch_ref._config import Branch, DilatedConfig, check_key_padding_mask, check_qkv, default_scale
-from torch_ref._softmax import attend, merge_lse
-from torch_ref.dilated import (combine_branches, dilate, heads_slice, improved_branch, improved_dilated_attention,
-                               undilate)
+from dilated_plan import Branch, DilatedConfig, default_scale, ring_plan
+from torch_ref.branches import branch_attention, combine_branches, dilate, merge_lse, undilate
+from torch_ref.checks import check_key_padding_mask, check_qkv
+from torch_ref.dilated import improved_dilated_attention
+from torch_ref.kernels import attend
 
 Tensor = torch.Tensor
-
-
-def ring_plan(n: int, num_devices: int, cfg: DilatedConfig) -> tuple[int, tuple[int, ...]]:
-    """Check the SPEC 7 sharding constraints; return ``(chunk, ranks_per_segment)`` (1 for a local group).
-
-    Raises:
-      ValueError: ``n % P != 0``; a segment length that neither divides the chunk nor is a multiple of
-        it; a chunk that is not a multiple of a dilation rate. The message names ``n``, ``P``, the
-        chunk and the segment.
-    """
-    p = num_devices
-    if n % p:
-        raise ValueError(
-            f"ring attention: sequence length n={n} is not divisible by P={p} ranks, so there is no whole "
-            f"chunk per rank (segment_lengths={cfg.segment_lengths}); use a sequence length that is a "
-            f"multiple of {p} or a process group whose size divides {n}."
-        )
-    c = n // p
-    spans = []
-    for s, r in zip(cfg.segment_lengths, cfg.dilation_rates):
-        if c % s and s % c:
-            raise ValueError(
-                f"ring attention: n={n} over P={p} ranks gives chunk c={c}, and segment length s={s} "
-                f"neither divides the chunk nor is a multiple of it; choose P so that every segment "
-                f"length divides c or is a multiple of c (e.g. powers of two)."
-            )
-        if c % r:
-            raise ValueError(
-                f"ring attention: n={n} over P={p} ranks gives chunk c={c}, which is not a multiple of the "
-                f"dilation rate r={r} of segment s={s}; choose P so that every dilation rate divides the chunk."
-            )
-        spans.append(max(1, s // c))
-    return c, tuple(spans)
 
 
 def _exchange(tensors: list[Tensor], *, send_to: int | None, recv_from: int | None, group) -> list[Tensor]:
@@ -76,8 +47,9 @@ def _exchange(tensors: list[Tensor], *, send_to: int | None, recv_from: int | No
     return received
 
 
-def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, chunk: int, span: int, group, scale: float,
-                     is_causal: bool):
+def _spanning_branch(
+    q, k, v, key_padding_mask, br: Branch, *, chunk: int, span: int, group, scale: float, is_causal: bool
+):
     """One branch whose segments span ``span`` ranks; this rank's tensors ``(b, chunk, ...)``.
 
     A segment starts on a chunk boundary and ``chunk % r == 0``, so the branch's kept positions in this
@@ -86,12 +58,13 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, chunk: int, span:
     """
     b = q.shape[0]
     local = dataclasses.replace(br, segment=chunk)
-    hs = heads_slice(br.heads)
+    hs = br.head_slice
     qd = dilate(q[:, :, hs], local)
     kv = torch.stack([dilate(k[:, :, hs], local), dilate(v[:, :, hs], local)]).contiguous()  # one message per hop
     valid = None if key_padding_mask is None else (~dilate(key_padding_mask, local)).to(torch.uint8).contiguous()
-    out, lse = attend(qd, kv[0], kv[1], scale=scale, is_causal=is_causal,
-                      kv_valid=None if valid is None else valid.bool())
+    out, lse = attend(
+        qd, kv[0], kv[1], scale=scale, is_causal=is_causal, kv_valid=None if valid is None else valid.bool()
+    )
     me = dist.get_rank(group)
     rank, base = me % span, me - me % span
     nxt = dist.get_global_rank(group, base + (rank + 1) % span)
@@ -133,7 +106,7 @@ def ring_dilated_attention(
     merge: str = "head_partition",
     key_padding_mask: Tensor | None = None,
 ) -> Tensor:
-    """Dilated attention with the sequence split over the ranks of ``group`` (SPEC.md 7).
+    """Dilated attention with the sequence split over the ranks of ``group`` (docs/semantics.md section 7).
 
     Computes exactly :func:`torch_ref.dilated_attention` on the whole sequence of ``n = c * P``
     positions, where rank ``p`` holds positions ``[p * c, (p + 1) * c)``.
@@ -151,13 +124,19 @@ def ring_dilated_attention(
 
     Raises:
       ValueError: the checks of :func:`dilated_attention` on the whole sequence, and the SPEC 7
-        sharding constraints (see :func:`ring_plan`).
+        sharding constraints (see :func:`dilated_plan.ring_plan`).
       NotImplementedError: autograd through a group whose segments span ranks (the exchange has no
         backward pass); local groups differentiate normally.
     """
     num = _group_size(group)
-    kw = dict(segment_lengths=segment_lengths, dilation_rates=dilation_rates, is_causal=is_causal, scale=scale,
-              merge=merge, key_padding_mask=key_padding_mask)
+    kw: dict[str, Any] = dict(
+        segment_lengths=segment_lengths,
+        dilation_rates=dilation_rates,
+        is_causal=is_causal,
+        scale=scale,
+        merge=merge,
+        key_padding_mask=key_padding_mask,
+    )
     if num == 1:
         return improved_dilated_attention(q, k, v, **kw)
     group = dist.group.WORLD if group is None else group
@@ -170,7 +149,7 @@ def ring_dilated_attention(
     check_key_padding_mask(key_padding_mask, b, c)
     if n == 0:
         return torch.zeros_like(q)
-    chunk, spans = ring_plan(n, num, cfg)
+    chunk, spans = ring_plan(n, num, cfg, unit="ranks")
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) and max(spans) > 1:
         raise NotImplementedError(
             f"ring attention has no backward pass for segments spanning ranks (segment_lengths={cfg.segment_lengths}, "
@@ -182,11 +161,30 @@ def ring_dilated_attention(
     for br in branches:
         span = spans[br.group]
         if span == 1:
-            o, l = improved_branch(q, k, v, key_padding_mask, br, scale=scale, is_causal=bool(is_causal),
-                                    dropout_p=0.0, need_lse=cfg.merge == "lse")
+            o, l = branch_attention(
+                q,
+                k,
+                v,
+                key_padding_mask,
+                br,
+                scale=scale,
+                is_causal=bool(is_causal),
+                dropout_p=0.0,
+                need_lse=cfg.merge == "lse",
+            )
         else:
-            o, l = _spanning_branch(q, k, v, key_padding_mask, br, chunk=chunk, span=span, group=group,
-                                    scale=scale, is_causal=bool(is_causal))
+            o, l = _spanning_branch(
+                q,
+                k,
+                v,
+                key_padding_mask,
+                br,
+                chunk=chunk,
+                span=span,
+                group=group,
+                scale=scale,
+                is_causal=bool(is_causal),
+            )
         outs.append(o)
         lses.append(l)
     return combine_branches(cfg, branches, outs, lses).to(q.dtype)
@@ -205,8 +203,15 @@ class RingDilatedAttention(nn.Module):
     chunks and returns this rank's ``(b, c, h, d)`` chunk of the output.
     """
 
-    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], *, group=None,
-                 scale: float | None = None, merge: str = "head_partition") -> None:
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        group=None,
+        scale: float | None = None,
+        merge: str = "head_partition",
+    ) -> None:
         super().__init__()
         cfg = DilatedConfig(segment_lengths, dilation_rates, merge)
         self.segment_lengths = cfg.segment_lengths
@@ -215,12 +220,24 @@ class RingDilatedAttention(nn.Module):
         self.group = group
         self.scale = None if scale is None else float(scale)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False,
-                key_padding_mask: Tensor | None = None) -> Tensor:
-        return ring_dilated_attention(q, k, v, segment_lengths=self.segment_lengths,
-                                      dilation_rates=self.dilation_rates, group=self.group, is_causal=is_causal,
-                                      scale=self.scale, merge=self.merge, key_padding_mask=key_padding_mask)
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Tensor | None = None
+    ) -> Tensor:
+        return ring_dilated_attention(
+            q,
+            k,
+            v,
+            segment_lengths=self.segment_lengths,
+            dilation_rates=self.dilation_rates,
+            group=self.group,
+            is_causal=is_causal,
+            scale=self.scale,
+            merge=self.merge,
+            key_padding_mask=key_padding_mask,
+        )
 
     def extra_repr(self) -> str:
-        return (f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
-                f"merge={self.merge!r}, scale={self.scale}")
+        return (
+            f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
+            f"merge={self.merge!r}, scale={self.scale}"
+        )

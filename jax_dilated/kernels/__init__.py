@@ -38,8 +38,10 @@ def resolve(implementation: str | Backend | None) -> Backend:
         return Xla()
     if isinstance(implementation, Xla):
         return implementation
-    raise ValueError(f"implementation={implementation!r} is unknown; use None, one of {IMPLEMENTATIONS} or "
-                     f"jax_dilated.kernels.Xla(tiling=...).")
+    raise ValueError(
+        f"implementation={implementation!r} is unknown; use None, one of {IMPLEMENTATIONS} or "
+        f"jax_dilated.kernels.Xla(tiling=...)."
+    )
 
 
 def attend(
@@ -67,9 +69,26 @@ def attend(
       ``-inf`` for a row with no visible key).
     """
     backend = resolve(implementation)
-    return flash_attention(q, k, v, scale=scale, is_causal=is_causal, kv_valid=kv_valid, dropout_rate=dropout_rate,
-                           dropout_rng=dropout_rng, tiling=backend.tiling)
+    return flash_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=is_causal,
+        kv_valid=kv_valid,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        tiling=backend.tiling,
+    )
 
 
-__all__ = ["IMPLEMENTATIONS", "Tiling", "Xla", "attend", "flash_attention", "reference_attention", "resolve",
-           "stats_dtype"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "Tiling",
+    "Xla",
+    "attend",
+    "flash_attention",
+    "reference_attention",
+    "resolve",
+    "stats_dtype",
+]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -63,7 +62,7 @@ class Tiling:
                 raise ValueError(f"Tiling.{name}={value!r} should be a positive integer.")
 
     @classmethod
-    def for_platform(cls, platform: str) -> "Tiling":
+    def for_platform(cls, platform: str) -> Tiling:
         """The default tiling of a JAX platform name (``"cpu"``, ``"gpu"``/``"cuda"``, ``"tpu"``, ...).
 
         CPU: steps of 1 Mi scores (4 MiB in float32) stay near the 2-core machine's caches and bound
@@ -120,7 +119,7 @@ def _causal_bounds(m: int, tiling: Tiling) -> list[tuple[int, int]]:
     """
     t = max(1, min(tiling.causal_tiles, m // tiling.causal_tile_min))
     edges = sorted({(i * m) // t for i in range(t + 1)})
-    return list(zip(edges[:-1], edges[1:]))
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,8 +240,15 @@ def _unit_forward(q, k, v, valid, keys, heads, spec: _Spec):
     outs, lses = [], []
     for a, b in _causal_bounds(m, spec.tiling):
         e = min(b, mk)
-        o, l = _block_forward(q[:, :, a:b], k[:, :e], v[:, :e], None if valid is None else valid[:, :e],
-                              None if keep is None else keep[:, :, a:b, :e], a, spec)
+        o, l = _block_forward(
+            q[:, :, a:b],
+            k[:, :e],
+            v[:, :e],
+            None if valid is None else valid[:, :e],
+            None if keep is None else keep[:, :, a:b, :e],
+            a,
+            spec,
+        )
         outs.append(o)
         lses.append(l)
     return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
@@ -257,9 +263,18 @@ def _unit_backward(q, k, v, valid, keys, heads, lse, delta, do, spec: _Spec):
     dqts, dk, dv = [], None, None
     for a, b in _causal_bounds(m, spec.tiling):
         e = min(b, mk)
-        dqt, dki, dvi = _block_backward(q[:, :, a:b], k[:, :e], v[:, :e], None if valid is None else valid[:, :e],
-                                        None if keep is None else keep[:, :, a:b, :e], a, lse[:, :, a:b],
-                                        delta[:, :, a:b], do[:, :, a:b], spec)
+        dqt, dki, dvi = _block_backward(
+            q[:, :, a:b],
+            k[:, :e],
+            v[:, :e],
+            None if valid is None else valid[:, :e],
+            None if keep is None else keep[:, :, a:b, :e],
+            a,
+            lse[:, :, a:b],
+            delta[:, :, a:b],
+            do[:, :, a:b],
+            spec,
+        )
         pad = [(0, 0), (0, mk - e), (0, 0)]
         dki, dvi = jnp.pad(dki, pad), jnp.pad(dvi, pad)
         dk = dki if dk is None else dk + dki
@@ -311,16 +326,18 @@ def _long_forward_row(q, k, v, valid, key, heads, spec: _Spec):
         qi = jax.lax.dynamic_slice_in_dim(qp, i * tq, tq, axis=1).reshape(1, g * tq, d)
         keep_row = None
         if key is not None:
-            keep_row = _pad_to(_keep(key[None], heads[None], i * tq + jnp.arange(tq), mk, spec.dropout_rate),
-                               3, nk * tk, False).reshape(1, g * tq, nk * tk)
+            keep_row = _pad_to(
+                _keep(key[None], heads[None], i * tq + jnp.arange(tq), mk, spec.dropout_rate), 3, nk * tk, False
+            ).reshape(1, g * tq, nk * tk)
 
         def body(j, carry):
             o, top, total = carry
             kj = jax.lax.dynamic_slice_in_dim(kp, j * tk, tk)[None]
             vj = jax.lax.dynamic_slice_in_dim(vp, j * tk, tk)[None]
             s = _scores(qi, kj, spec.scale, acc)
-            vis = _visible(i * tq, tq, tk, j * tk, jax.lax.dynamic_slice_in_dim(validp, j * tk, tk)[None],
-                           spec.is_causal, g)
+            vis = _visible(
+                i * tq, tq, tk, j * tk, jax.lax.dynamic_slice_in_dim(validp, j * tk, tk)[None], spec.is_causal, g
+            )
             s = jnp.where(vis, s, -jnp.inf)
             new_top = jnp.maximum(top, jnp.max(s, axis=-1))
             shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
@@ -375,8 +392,9 @@ def _long_backward_row(q, k, v, valid, key, heads, lse, delta, do, spec: _Spec):
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * tq, tq, axis=1).reshape(1, g * tq, *x.shape[2:])
         kj = jax.lax.dynamic_slice_in_dim(kp, j * tk, tk)[None]
         vj = jax.lax.dynamic_slice_in_dim(vp, j * tk, tk)[None]
-        vis = _visible(i * tq, tq, tk, j * tk, jax.lax.dynamic_slice_in_dim(validp, j * tk, tk)[None],
-                       spec.is_causal, g)
+        vis = _visible(
+            i * tq, tq, tk, j * tk, jax.lax.dynamic_slice_in_dim(validp, j * tk, tk)[None], spec.is_causal, g
+        )
         keep = None if keep_i is None else jax.lax.dynamic_slice_in_dim(keep_i, j * tk, tk, axis=2)
         return take(qp), take(dop), take(lsep), take(deltap), kj, vj, vis, keep
 
@@ -414,8 +432,9 @@ def _long_backward_row(q, k, v, valid, key, heads, lse, delta, do, spec: _Spec):
             ds = p * (dp - di[..., None])
             return dq + jnp.einsum("uqk,ukd->uqd", ds.astype(k.dtype), kj, preferred_element_type=acc)[0] * scale
 
-        dq = jax.lax.fori_loop(0, _key_tiles_needed(i, tq, tk, nk, mk, spec.is_causal), body,
-                               jnp.zeros((g * tq, d), acc))
+        dq = jax.lax.fori_loop(
+            0, _key_tiles_needed(i, tq, tk, nk, mk, spec.is_causal), body, jnp.zeros((g * tq, d), acc)
+        )
         return dq.reshape(g, tq, d)
 
     dk, dv = jax.lax.map(key_tile, jnp.arange(nk))  # (nk, tk, d)
@@ -450,7 +469,7 @@ def _walk(fn, per_step: int, args):
     out = jax.lax.map(lambda a: fn(*a), head)
     out = jax.tree.map(lambda y: y.reshape(steps * per_step, *y.shape[2:]), out)
     if rest:
-        tail = fn(*jax.tree.map(lambda x: x[steps * per_step:], args))
+        tail = fn(*jax.tree.map(lambda x: x[steps * per_step :], args))
         out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
     return out
 
@@ -488,8 +507,17 @@ def _backward(q, k, v, valid, rng, out, lse, dout, dlse, spec: _Spec):
     qu, ku, vu = q.reshape(units, g, m, d), k.reshape(units, mk, d), v.reshape(units, mk, d)
     vu_valid = None if valid is None else jnp.repeat(valid, hk, axis=0)
     keys, heads = (None, None) if rng is None else _unit_keys(rng, b, hk, g)
-    args = (qu, ku, vu, vu_valid, keys, heads, lse.reshape(units, g, m), delta.reshape(units, g, m),
-            do.reshape(units, g, m, d))
+    args = (
+        qu,
+        ku,
+        vu,
+        vu_valid,
+        keys,
+        heads,
+        lse.reshape(units, g, m),
+        delta.reshape(units, g, m),
+        do.reshape(units, g, m, d),
+    )
     per_step = _units_per_step(g, m, mk, spec)
     if per_step:
         dqt, dk, dv = _walk(functools.partial(_unit_backward, spec=spec), per_step, args)
@@ -497,8 +525,11 @@ def _backward(q, k, v, valid, rng, out, lse, dout, dlse, spec: _Spec):
     else:
         row = functools.partial(_long_backward_row, spec=spec)
         dq, dk, dv = jax.lax.map(lambda a: row(*a), args)
-    return (dq.reshape(q.shape).astype(q.dtype), dk.reshape(k.shape).astype(k.dtype),
-            dv.reshape(v.shape).astype(v.dtype))
+    return (
+        dq.reshape(q.shape).astype(q.dtype),
+        dk.reshape(k.shape).astype(k.dtype),
+        dv.reshape(v.shape).astype(v.dtype),
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

@@ -1,18 +1,18 @@
-"""Validated, hashable configuration of dilated attention and the input checks every variant shares.
+"""The validated, hashable configuration of dilated attention: groups, head groups and branches.
 
-The torch mirror of ``jax_dilated/_config.py``: the same classes, functions and error messages, with
-the tensor checks written for ``torch.Tensor``. SPEC.md sections 1-3 define the head groups, offsets
-and the errors raised here.
+docs/semantics.md sections 1-3 define what is computed; this module turns a configuration into the
+branches both frameworks run. Plain Python: a :class:`DilatedConfig` is a static argument of
+``jax.jit`` and a plain attribute of a torch module.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-import torch
+from dilated_plan.checks import as_int_tuple, check_dropout_rate
 
 MERGES = ("head_partition", "lse")
 
@@ -26,7 +26,7 @@ class Branch:
       segment: segment length ``s_i``.
       rate: dilation rate ``r_i``.
       offset: first kept position inside each segment (``0 <= offset < rate``).
-      heads: the head indices of the branch, increasing.
+      heads: the head indices of the branch, increasing and evenly spaced.
     """
 
     group: int
@@ -35,37 +35,34 @@ class Branch:
     offset: int
     heads: tuple[int, ...]
 
+    @property
+    def head_slice(self) -> slice:
+        """The branch's heads as a slice of the head axis (they are evenly spaced)."""
+        step = self.heads[1] - self.heads[0] if len(self.heads) > 1 else 1
+        return slice(self.heads[0], self.heads[-1] + 1, step)
 
-def _as_int_tuple(name: str, values: Any) -> tuple[int, ...]:
-    if isinstance(values, (int, np.integer)):
-        values = (values,)
-    try:
-        out = tuple(values)
-    except TypeError:
-        raise ValueError(f"{name}={values!r} must be a sequence of positive integers, e.g. (1024, 2048).") from None
-    for x in out:
-        if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
-            raise ValueError(f"{name}={values!r} holds {x!r}, which is not an integer; pass whole numbers.")
-    return tuple(int(x) for x in out)
+    @property
+    def kept(self) -> int:
+        """Kept positions per segment, ``s / r``."""
+        return self.segment // self.rate
 
 
 @dataclasses.dataclass(frozen=True)
 class DilatedConfig:
     """Segment lengths, dilation rates and merge rule of dilated attention (validated on construction).
 
-    Example::
-
-        cfg = DilatedConfig((4, 8), (1, 2))
-        cfg.branches(num_heads=3)   # heads 0-1 -> (s=4, r=1, o=0); head 2 -> (s=8, r=2, o=1)
+    >>> cfg = DilatedConfig((4, 8), (1, 2))
+    >>> [(br.segment, br.rate, br.offset, br.heads) for br in cfg.branches(num_heads=3)]
+    [(4, 1, 0, (0, 1)), (8, 2, 1, (2,))]
     """
 
-    segment_lengths: tuple[int, ...]
-    dilation_rates: tuple[int, ...]
+    segment_lengths: Sequence[int]  # stored as a tuple (hashable)
+    dilation_rates: Sequence[int]
     merge: str = "head_partition"
 
     def __post_init__(self) -> None:
-        seg = _as_int_tuple("segment_lengths", self.segment_lengths)
-        rates = _as_int_tuple("dilation_rates", self.dilation_rates)
+        seg = as_int_tuple("segment_lengths", self.segment_lengths)
+        rates = as_int_tuple("dilation_rates", self.dilation_rates)
         object.__setattr__(self, "segment_lengths", seg)
         object.__setattr__(self, "dilation_rates", rates)
         if not seg:
@@ -79,13 +76,13 @@ class DilatedConfig:
             for x in vals:
                 if x <= 0:
                     raise ValueError(f"{name}={vals} holds {x}; every value must be a positive integer.")
-        for s, r in zip(seg, rates):
+        for s, r in zip(seg, rates, strict=True):
             if s % r:
                 raise ValueError(
                     f"segment length {s} is not divisible by its dilation rate {r}; "
                     f"choose segment_lengths that are multiples of their dilation_rates."
                 )
-        if self.merge not in MERGES:
+        if not isinstance(self.merge, str) or self.merge not in MERGES:
             raise ValueError(f"merge={self.merge!r} is unknown; use one of {MERGES}.")
 
     @property
@@ -128,54 +125,45 @@ class DilatedConfig:
         out = []
         if self.merge == "head_partition":
             start = 0
-            for i, (size, s, r) in enumerate(zip(self.group_sizes(num_heads), self.segment_lengths, self.dilation_rates)):
+            for i, (size, s, r) in enumerate(
+                zip(self.group_sizes(num_heads), self.segment_lengths, self.dilation_rates, strict=True)
+            ):
                 out.append(Branch(i, s, r, i % r, tuple(range(start, start + size))))
                 start += size
         else:
-            for i, (s, r) in enumerate(zip(self.segment_lengths, self.dilation_rates)):
+            for i, (s, r) in enumerate(zip(self.segment_lengths, self.dilation_rates, strict=True)):
                 for o in range(min(r, num_heads)):
                     out.append(Branch(i, s, r, o, tuple(range(o, num_heads, r))))
         return tuple(out)
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise unless q, k, v are 4-D ``(b, n, h, d)`` tensors of one shape and a floating dtype."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(
-                f"{name} has shape {tuple(x.shape)} ({x.ndim}-D); pass 4-D arrays of shape "
-                f"(batch, seq, heads, head_dim)."
-            )
-        if not torch.is_floating_point(x):
-            raise TypeError(f"{name} has dtype {x.dtype}; pass a floating dtype (float32, float64, bfloat16, float16).")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(
-            f"q, k, v have shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}; they must be equal "
-            f"(batch, seq, heads, head_dim)."
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype.")
+@dataclasses.dataclass(frozen=True)
+class ModuleOptions:
+    """The options every multi-head module shares (docs/semantics.md section 6), validated.
+
+    Attributes:
+      dropout: dropout rate on the attention probabilities, in ``[0, 1)``.
+      bias: whether the four projections have biases.
+      layer_norm: whether the MAGNETO sub-LayerNorm normalises the attention output.
+      layer_norm_eps: its epsilon.
+      gamma_init: xavier gain of ``v_proj`` and ``out_proj``.
+    """
+
+    dropout: float = 0.0
+    bias: bool = True
+    layer_norm: bool = True
+    layer_norm_eps: float = 1e-5
+    gamma_init: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dropout", check_dropout_rate(self.dropout))
+        for name in ("bias", "layer_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} should be a bool (True or False).")
+        object.__setattr__(self, "layer_norm_eps", float(self.layer_norm_eps))
+        object.__setattr__(self, "gamma_init", float(self.gamma_init))
 
 
-def check_key_padding_mask(mask: torch.Tensor | None, batch: int, n: int) -> None:
-    """Raise unless ``mask`` is None or a boolean ``(batch, n)`` tensor (True = padding)."""
-    if mask is None:
-        return
-    if tuple(mask.shape) != (batch, n):
-        raise ValueError(
-            f"key_padding_mask has shape {tuple(mask.shape)}; expected (batch, seq) = ({batch}, {n}), "
-            f"True where a key is padding."
-        )
-    if mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask has dtype {mask.dtype}; pass a boolean array (True = padding).")
-
-
-def check_dropout(rate: float) -> None:
-    """Raise unless ``0 <= rate < 1``."""
-    if not 0.0 <= float(rate) < 1.0:
-        raise ValueError(f"dropout rate {rate} is outside [0, 1); pass a probability such as 0.1.")
-
-
-def default_scale(head_dim: int, scale: float | None) -> float:
+def default_scale(head_dim: int, scale: Any) -> float:
     """``scale`` if given, else ``1 / sqrt(head_dim)``."""
     return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)

@@ -1,4 +1,7 @@
-"""Test session set-up: 8 simulated CPU devices for the ring tests, set before JAX is imported."""
+"""Test session set-up (root conftest, loaded before any test or doctest module imports JAX).
+
+8 simulated CPU devices for the ring tests, set before JAX is imported; float64 enabled for parity.
+"""
 
 import os
 

@@ -1,8 +1,8 @@
-"""Softmax attention that also returns its log-sum-exp, and the log-sum-exp merge of partial results.
+"""The plain attention kernel of the torch mirror: scores, softmax and log-sum-exp, differentiable by autograd.
 
-The torch mirror of ``jax_dilated/_softmax.py`` (same shapes and semantics; dropout draws from
-torch's default generator, like ``F.scaled_dot_product_attention``). Statistics are kept in float32
-(float64 for float64 inputs); rows with no visible key give 0 and a log-sum-exp of ``-inf``.
+The readable form (every score of a call at once). The standard variant, ring attention and
+block-sparse merges call it; statistics are kept in float32 (float64 for float64 inputs); rows
+with no visible key give 0 and a log-sum-exp of ``-inf``.
 """
 
 from __future__ import annotations
@@ -65,28 +65,3 @@ def attend(
     out = torch.einsum("bhqk,bkhd->bqhd", p / safe, v.to(acc))
     lse = torch.where(has_key, torch.log(safe) + row_max, torch.full((), float("-inf"), dtype=acc, device=q.device))
     return out, lse[..., 0].transpose(1, 2)
-
-
-def merge_lse(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Mix partial attention results by their log-sum-exps (one softmax over their union of keys).
-
-    This is the online-softmax merge: partial results over disjoint key sets combine into the result
-    over all of them.
-
-    Args:
-      outs: each ``(..., d)``, a normalised partial output (0 where it saw no key).
-      lses: each ``(...)``, its log-sum-exp (``-inf`` where it saw no key).
-
-    Returns:
-      ``sum_i w_i outs_i`` with ``w = softmax_i(lses_i)`` (0 where every ``lses_i`` is ``-inf``), and the
-      log-sum-exp of the union, ``(...)`` (``-inf`` there).
-    """
-    lse = torch.stack(lses)
-    top = lse.amax(dim=0).detach()
-    top = torch.where(torch.isfinite(top), top, torch.zeros((), dtype=top.dtype, device=top.device))
-    w = torch.exp(lse - top)
-    total = w.sum(dim=0)
-    safe = torch.where(total > 0, total, torch.ones((), dtype=total.dtype, device=total.device))
-    w = w / safe
-    merged = torch.where(total > 0, torch.log(safe) + top, torch.full_like(safe, float("-inf")))
-    return sum(wi[..., None] * oi for wi, oi in zip(w, outs)), merged

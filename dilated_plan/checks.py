@@ -1,0 +1,126 @@
+"""Framework-free argument checks shared by every public entry point of both packages.
+
+Each check raises our own ValueError or TypeError naming the value and the fix; the frameworks add
+only what needs their array types (dtype predicates).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+
+
+def as_int_tuple(name: str, values: Any) -> tuple[int, ...]:
+    """A sequence of integers (Python or NumPy; a single integer is a sequence of one) as a tuple."""
+    if isinstance(values, (int, np.integer)) and not isinstance(values, (bool, np.bool_)):
+        values = (values,)
+    try:
+        out = tuple(values)
+    except TypeError:
+        raise ValueError(f"{name}={values!r} must be a sequence of positive integers, e.g. (1024, 2048).") from None
+    for x in out:
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+            raise ValueError(f"{name}={values!r} holds {x!r}, which is not an integer; pass whole numbers.")
+    return tuple(int(x) for x in out)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an int if it is a positive integer (Python or NumPy), else a ValueError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+    return int(value)
+
+
+def check_dropout_rate(rate: Any, name: str = "dropout rate") -> float:
+    """``rate`` as a float if it is a number in ``[0, 1)``."""
+    if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real) or not 0.0 <= float(rate) < 1.0:
+        raise ValueError(f"{name} {rate!r} is outside [0, 1); pass a probability such as 0.1.")
+    return float(rate)
+
+
+def check_lcm(values: tuple[int, ...]) -> int:
+    """The least common multiple of positive integers, exact (Python integers never wrap)."""
+    return math.lcm(*values)
+
+
+def check_qkv(q: Any, k: Any, v: Any, is_floating) -> None:
+    """Raise unless q, k, v are 4-D ``(b, n, h, d)`` arrays of one shape and one floating dtype.
+
+    ``is_floating(x)`` is the framework's dtype predicate.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)} ({x.ndim}-D); pass 4-D arrays of shape "
+                f"(batch, seq, heads, head_dim)."
+            )
+        if not is_floating(x):
+            raise TypeError(f"{name} has dtype {x.dtype}; pass a floating dtype (float32, float64, bfloat16, float16).")
+    if not (tuple(q.shape) == tuple(k.shape) == tuple(v.shape)):
+        raise ValueError(
+            f"q, k, v have shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}; they must be equal "
+            f"(batch, seq, heads, head_dim)."
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype.")
+
+
+def check_key_padding_mask(mask: Any, batch: int, n: int, is_bool) -> None:
+    """Raise unless ``mask`` is None or a boolean ``(batch, n)`` array (True = padding)."""
+    if mask is None:
+        return
+    if tuple(mask.shape) != (batch, n):
+        raise ValueError(
+            f"key_padding_mask has shape {tuple(mask.shape)}; expected (batch, seq) = ({batch}, {n}), "
+            f"True where a key is padding."
+        )
+    if not is_bool(mask):
+        raise TypeError(f"key_padding_mask has dtype {mask.dtype}; pass a boolean array (True = padding).")
+
+
+def check_module_inputs(query: Any, key: Any, value: Any, embed_dim: int, is_floating) -> None:
+    """Raise unless query/key/value are ``(b, n, embed_dim)`` floating arrays of one batch and length."""
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.ndim != 3:
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)} ({x.ndim}-D); pass a 3-D array (batch, seq, embed_dim={embed_dim})."
+            )
+        if x.shape[-1] != embed_dim:
+            raise ValueError(
+                f"{name} has feature size {x.shape[-1]} (shape {tuple(x.shape)}); the module's "
+                f"embed_dim is {embed_dim}: project the input to {embed_dim} features."
+            )
+        if not is_floating(x):
+            raise TypeError(f"{name} has dtype {x.dtype}; pass a floating array (float32, bfloat16, ...).")
+    if not tuple(query.shape[:2]) == tuple(key.shape[:2]) == tuple(value.shape[:2]):
+        raise ValueError(
+            f"query, key, value have (batch, seq) {tuple(query.shape[:2])}, {tuple(key.shape[:2])}, "
+            f"{tuple(value.shape[:2])}; cross-attention needs key and value of the same batch and sequence "
+            f"length as the query (pad or cut them to length {query.shape[1]})."
+        )
+
+
+def check_heads(embed_dim: Any, num_heads: Any) -> tuple[int, int]:
+    """``(embed_dim, num_heads)`` as ints, positive, ``embed_dim`` a multiple of ``num_heads``."""
+    embed_dim = check_positive_int("embed_dim", embed_dim)
+    num_heads = check_positive_int("num_heads", num_heads)
+    if embed_dim % num_heads:
+        raise ValueError(
+            f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; choose an "
+            f"embed_dim that is a multiple of num_heads, or a num_heads that divides it."
+        )
+    return embed_dim, num_heads
+
+
+def default_key_value(query: Any, key: Any, value: Any) -> tuple[Any, Any]:
+    """``key`` defaults to ``query`` and ``value`` to ``key`` (a value without a key is an error)."""
+    if key is None:
+        if value is not None:
+            raise ValueError(
+                "value was given without key; pass key as well (value defaults to key, key defaults to query)."
+            )
+        key = query
+    return key, key if value is None else value

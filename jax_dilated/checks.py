@@ -1,0 +1,42 @@
+"""Input checks of the JAX package: the shared plan's checks (:mod:`dilated_plan.checks`) on JAX arrays."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from dilated_plan import checks as plan_checks
+from dilated_plan.checks import check_dropout_rate
+
+
+def _is_floating(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _is_bool(x: Any) -> bool:
+    return x.dtype == jnp.bool_
+
+
+def check_qkv(q: Any, k: Any, v: Any) -> None:
+    """Raise unless q, k, v are 4-D ``(b, n, h, d)`` arrays of one shape and one floating dtype."""
+    plan_checks.check_qkv(q, k, v, _is_floating)
+
+
+def check_key_padding_mask(mask: Any, batch: int, n: int) -> None:
+    """Raise unless ``mask`` is None or a boolean ``(batch, n)`` array (True = padding)."""
+    plan_checks.check_key_padding_mask(mask, batch, n, _is_bool)
+
+
+def check_dropout(rate: Any, rng: Any = None, *, needs_rng: bool = True) -> float:
+    """``rate`` as a float if it is in ``[0, 1)``; a call (``needs_rng``) with ``rate > 0`` needs a key."""
+    rate = check_dropout_rate(rate)
+    if needs_rng and rate > 0.0 and rng is None:
+        raise ValueError(f"dropout_rate={rate} needs a dropout_rng key; pass jax.random.key(...).")
+    return rate
+
+
+def check_module_inputs(query: Any, key: Any, value: Any, key_padding_mask: Any, embed_dim: int) -> None:
+    """Raise unless query/key/value are ``(b, n, embed_dim)`` floating arrays and the mask fits them."""
+    plan_checks.check_module_inputs(query, key, value, embed_dim, _is_floating)
+    check_key_padding_mask(key_padding_mask, query.shape[0], query.shape[1])
