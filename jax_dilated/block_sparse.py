@@ -82,37 +82,23 @@ def _block_sparse(
         own = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=s * c, slice_size=c, axis=1)
         qi = own(qb).reshape(b * c, bs, h, d)
         outs, lses = [], []
+        two = bool(width) and is_causal  # two parts merged by log-sum-exp
+        common = dict(scale=scale, dropout_rate=dropout_rate, need_lse=two, implementation=backend)
         if width:
 
             def gather(x):  # the kept off-diagonal key blocks of each query block, concatenated
                 return jnp.take(x, idx.reshape(-1), axis=1).reshape(b * c, width * bs, *x.shape[3:])
 
             kv_valid = (gather(visible).reshape(b, c, width, bs) & ok[None, :, :, None]).reshape(b * c, -1)
-            o, l = attend(
-                qi,
-                gather(kb),
-                gather(vb),
-                scale=scale,
-                kv_valid=kv_valid,
-                dropout_rate=dropout_rate,
-                dropout_rng=None if rng is None else jax.random.fold_in(rng, 0),
-                implementation=backend,
-            )
+            key = None if rng is None else jax.random.fold_in(rng, 0)
+            o, l = attend(qi, gather(kb), gather(vb), kv_valid=kv_valid, dropout_rng=key, **common)
             outs.append(o)
             lses.append(l)
         if is_causal:  # the diagonal block, element-wise causal
             kv_valid = (own(visible) & diag[None, :, None]).reshape(b * c, bs)
-            o, l = attend(
-                qi,
-                own(kb).reshape(b * c, bs, h, d),
-                own(vb).reshape(b * c, bs, h, d),
-                scale=scale,
-                is_causal=True,
-                kv_valid=kv_valid,
-                dropout_rate=dropout_rate,
-                dropout_rng=None if rng is None else jax.random.fold_in(rng, 1),
-                implementation=backend,
-            )
+            key = None if rng is None else jax.random.fold_in(rng, 1)
+            kd, vd = own(kb).reshape(b * c, bs, h, d), own(vb).reshape(b * c, bs, h, d)
+            o, l = attend(qi, kd, vd, is_causal=True, kv_valid=kv_valid, dropout_rng=key, **common)
             outs.append(o)
             lses.append(l)
         out = outs[0] if len(outs) == 1 else merge_lse(outs, lses)[0]

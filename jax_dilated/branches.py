@@ -47,28 +47,32 @@ def branch_attention(
     is_causal: bool,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
+    need_lse: bool = True,
     implementation: Backend | None = None,
-) -> tuple[Array, Array]:
+) -> tuple[Array, Array | None]:
     """One branch of dilated attention on ``(b, n, h, d)`` inputs: its heads' output and log-sum-exp.
 
     Returns ``(b, n, heads_of_branch, d)`` (0 off the branch's positions) and ``(b, n, heads_of_branch)``
-    (``-inf`` there), in the kernel's statistics dtype.
+    (``-inf`` there; None when ``need_lse`` is False and the kernel has none), in the kernel's
+    statistics dtype.
     """
     b = q.shape[0]
     hs = br.head_slice
     valid = None if key_padding_mask is None else ~dilate(key_padding_mask, br)
+    qd, kd, vd = (dilate(x[:, :, hs], br) for x in (q, k, v))
     o, l = attend(
-        dilate(q[:, :, hs], br),
-        dilate(k[:, :, hs], br),
-        dilate(v[:, :, hs], br),
+        qd,
+        kd,
+        vd,
         scale=scale,
         is_causal=is_causal,
         kv_valid=valid,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
+        need_lse=need_lse,
         implementation=implementation,
     )
-    return undilate(o, br, b, 0.0), undilate(l, br, b, -jnp.inf)
+    return undilate(o, br, b, 0.0), None if l is None else undilate(l, br, b, -jnp.inf)
 
 
 def merge_lse(outs: list[Array], lses: list[Array]) -> tuple[Array, Array]:
@@ -96,7 +100,9 @@ def merge_lse(outs: list[Array], lses: list[Array]) -> tuple[Array, Array]:
     return sum(wi[..., None] * oi for wi, oi in zip(w, outs, strict=True)), merged
 
 
-def combine_branches(cfg: DilatedConfig, branches: tuple[Branch, ...], outs: list[Array], lses: list[Array]) -> Array:
+def combine_branches(
+    cfg: DilatedConfig, branches: tuple[Branch, ...], outs: list[Array], lses: list[Array | None]
+) -> Array:
     """Join per-branch results ``(b, n, heads_of_branch, d)`` into ``(b, n, h, d)`` by the merge rule."""
     if cfg.merge == "head_partition":
         return jnp.concatenate(outs, axis=2) / cfg.num_groups
@@ -105,5 +111,12 @@ def combine_branches(cfg: DilatedConfig, branches: tuple[Branch, ...], outs: lis
         idx = [j for j, br in enumerate(branches) if br.group == i]
         order = np.argsort(np.concatenate([branches[j].heads for j in idx]))
         group_outs.append(jnp.take(jnp.concatenate([outs[j] for j in idx], axis=2), order, axis=2))
-        group_lses.append(jnp.take(jnp.concatenate([lses[j] for j in idx], axis=2), order, axis=2))
+        group_lses.append(jnp.take(jnp.concatenate([_needed(lses[j]) for j in idx], axis=2), order, axis=2))
     return merge_lse(group_outs, group_lses)[0]
+
+
+def _needed(lse: Array | None) -> Array:
+    """A branch's log-sum-exp, which ``merge="lse"`` always asks for (``need_lse``)."""
+    if lse is None:
+        raise RuntimeError("merge='lse' needs every branch's log-sum-exp; a branch was run with need_lse=False.")
+    return lse

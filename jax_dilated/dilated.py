@@ -74,7 +74,8 @@ def _run(q, k, v, key_padding_mask, dropout_rng, call: _Call, attend_branch) -> 
     outs, lses = [], []
     for idx, br in enumerate(branches):
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, idx)
-        kw = dict(dropout_rate=call.dropout_rate, dropout_rng=rng, implementation=call.backend)
+        kw: dict[str, Any] = dict(dropout_rate=call.dropout_rate, dropout_rng=rng, implementation=call.backend)
+        kw["need_lse"] = call.cfg.merge == "lse"
         o, l = attend_branch(q, k, v, key_padding_mask, br, scale=scale, is_causal=call.is_causal, **kw)
         outs.append(o)
         lses.append(l)
@@ -99,10 +100,10 @@ def _standard_branch(q, k, v, key_padding_mask, br: Branch, **kw):
     if key_padding_mask is not None:
         valid = ~key_padding_mask[:, pos].reshape(b * (n // br.segment), m)
     o, l = attend(gather(q), gather(k), gather(v), kv_valid=valid, **kw)
-    o = o.reshape(b, -1, len(heads), d)
-    l = l.reshape(b, -1, len(heads))
-    out = jnp.zeros((b, n, len(heads), d), o.dtype).at[:, pos].set(o)
-    lse = jnp.full((b, n, len(heads)), -jnp.inf, l.dtype).at[:, pos].set(l)
+    out = jnp.zeros((b, n, len(heads), d), o.dtype).at[:, pos].set(o.reshape(b, -1, len(heads), d))
+    if l is None:  # a kernel without log-sum-exp (need_lse=False)
+        return out, None
+    lse = jnp.full((b, n, len(heads)), -jnp.inf, l.dtype).at[:, pos].set(l.reshape(b, -1, len(heads)))
     return out, lse
 
 

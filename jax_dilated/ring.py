@@ -62,7 +62,9 @@ def _spanning_branch(
     qd = dilate(q[:, :, hs], local)  # (b, chunk/r, heads_of_branch, d)
     kv = jnp.stack([dilate(k[:, :, hs], local), dilate(v[:, :, hs], local)])  # one array: one permute per hop
     valid = None if key_padding_mask is None else ~dilate(key_padding_mask, local)
-    out, lse = attend(qd, kv[0], kv[1], scale=scale, is_causal=is_causal, kv_valid=valid, implementation=backend)
+    out, first = attend(qd, kv[0], kv[1], scale=scale, is_causal=is_causal, kv_valid=valid, implementation=backend)
+    assert first is not None  # need_lse defaults to True: the hops merge by log-sum-exp
+    lse: Array = first
     # Send to the next device of the same segment group. Without causality the blocks wrap around the
     # group (a ring); under causality a wrapped block would only ever reach devices it lies in the future
     # of, so the last device of a group sends nothing (a shift) and its neighbour receives zeros it skips.
@@ -96,9 +98,8 @@ def _device_body(q, k, v, key_padding_mask, *, cfg, chunk, spans, num_devices, a
     for br in branches:
         span = spans[br.group]
         if span == 1:
-            o, l = branch_attention(
-                q, k, v, key_padding_mask, br, scale=scale, is_causal=is_causal, implementation=backend
-            )
+            kw = dict(scale=scale, is_causal=is_causal, need_lse=cfg.merge == "lse", implementation=backend)
+            o, l = branch_attention(q, k, v, key_padding_mask, br, **kw)
         else:
             o, l = _spanning_branch(
                 q,

@@ -347,3 +347,16 @@ def test_import_changes_no_global_state():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "unchanged" in res.stdout, res.stderr
+
+
+@pytest.mark.parametrize("package,other", [("jax_dilated", "torch"), ("torch_ref", "jax"), ("dilated_plan", "jax"),
+                                           ("dilated_plan", "torch")])
+def test_packages_do_not_import_each_other(package, other):
+    """In a fresh interpreter, importing one package imports neither the other framework nor its package."""
+    code = (f"import sys, {package}\n"
+            f"bad = sorted(m for m in sys.modules if m.split('.')[0] in ({other!r}, 'jax_dilated', 'torch_ref')"
+            f" and m.split('.')[0] != {package!r})\n"
+            "print(bad)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", res.stdout

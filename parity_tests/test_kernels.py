@@ -7,6 +7,9 @@ the plain unblocked form (``reference_attention``: every score at once, plain au
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -14,8 +17,11 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+import jax_dilated as jd
 from jax_dilated import kernels
+from jax_dilated.kernels import select
 from jax_dilated.kernels import Tiling, Xla, attend, reference_attention
+from jax_dilated.kernels.xla import flash_attention
 from jax_dilated.kernels import xla as xla_kernel
 
 TILINGS = {
@@ -27,7 +33,7 @@ TILINGS = {
 # (batch, queries, keys, heads, kv heads, head_dim): GQA with 2 and 1 kv heads, fewer and more keys.
 SHAPES = [(3, 17, 17, 4, 4, 8), (2, 17, 17, 4, 2, 4), (2, 12, 20, 3, 1, 4), (2, 20, 12, 2, 2, 4)]
 STATIC = ("scale", "is_causal", "dropout_rate", "tiling")
-flash = jax.jit(kernels.flash_attention, static_argnames=STATIC)
+flash = jax.jit(flash_attention, static_argnames=STATIC)
 plain = jax.jit(reference_attention, static_argnames=("scale", "is_causal"))
 
 
@@ -69,7 +75,7 @@ def test_values_and_custom_gradients_equal_the_plain_form(tiling, shape):
                                    rtol=0, atol=1e-12)
         cot_out = jnp.asarray(rng.standard_normal(out.shape))
         cot_lse = jnp.asarray(rng.standard_normal(lse.shape))
-        got = _grad(_loss(kernels.flash_attention, cot_out, cot_lse, tiling=tiling, **kw))(q, k, v)
+        got = _grad(_loss(flash_attention, cot_out, cot_lse, tiling=tiling, **kw))(q, k, v)
         want = _grad(_loss(reference_attention, cot_out, cot_lse, **kw))(q, k, v)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=0, atol=1e-10)
@@ -86,7 +92,7 @@ def test_check_grads_reverse_and_forward_over_reverse(tiling):
     rng = np.random.default_rng()
     q, k, v, valid = _inputs(rng, 2, 9, 9, 2, 1, 4, padded=True)
     valid = valid.at[:, 0].set(True)  # every causal row sees a key: lse finite everywhere
-    loss = _loss(kernels.flash_attention, jnp.asarray(rng.standard_normal(q.shape)),
+    loss = _loss(flash_attention, jnp.asarray(rng.standard_normal(q.shape)),
                  jnp.asarray(rng.standard_normal(q.shape[:3])), scale=0.5, is_causal=True, kv_valid=valid,
                  tiling=tiling)
     check_grads(jax.jit(loss), (q, k, v), order=1, modes=("rev",))
@@ -114,7 +120,7 @@ def test_causal_never_scores_a_future_key_tile():
     rng = np.random.default_rng()
     q, k, v, _ = _inputs(rng, 1, 64, 64, 1, 1, 8, padded=False)
     tiling = Tiling(causal_tiles=4, causal_tile_min=16)
-    fwd = lambda causal: lambda q, k, v: kernels.flash_attention(q, k, v, scale=0.3, is_causal=causal, tiling=tiling)
+    fwd = lambda causal: lambda q, k, v: flash_attention(q, k, v, scale=0.3, is_causal=causal, tiling=tiling)
 
     def score_elements(fn):  # products whose output has a query axis and a key axis (not head_dim 8)
         return sum(int(np.prod(s)) for s in _score_products(fn, q, k, v) if s[-1] != 8 and s[-2] != 8)
@@ -146,7 +152,7 @@ def test_causal_skips_future_tiles_in_both_passes(tiling):
     out, lse = flash(q, poisoned_k, poisoned_v, scale=0.5, is_causal=True, tiling=tiling)
     ref_out, ref_lse = plain(q[:, :8], k[:, :8], v[:, :8], scale=0.5, is_causal=True)
     np.testing.assert_allclose(out[:, :first_clean], ref_out[:, :first_clean], rtol=0, atol=1e-12)
-    grads = jax.jit(jax.grad(lambda q: jnp.sum(kernels.flash_attention(
+    grads = jax.jit(jax.grad(lambda q: jnp.sum(flash_attention(
         q, poisoned_k, poisoned_v, scale=0.5, is_causal=True, tiling=tiling)[0][:, :first_clean])))(q)
     assert bool(jnp.all(jnp.isfinite(grads[:, :first_clean])))
 
@@ -178,7 +184,7 @@ def test_dropout_masks_follow_the_documented_rule_in_every_tiling(tiling):
     want = jax.jit(masked_plain)(q, k, v, valid)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     cot = jnp.asarray(rng.standard_normal(got.shape))
-    g1 = _grad(lambda *a: jnp.sum(kernels.flash_attention(*a, dropout_rate=rate, dropout_rng=key, tiling=tiling,
+    g1 = _grad(lambda *a: jnp.sum(flash_attention(*a, dropout_rate=rate, dropout_rng=key, tiling=tiling,
                                                           **kw)[0] * cot))(q, k, v)
     g0 = _grad(lambda *a: jnp.sum(masked_plain(*a, valid) * cot))(q, k, v)
     for a, e in zip(g1, g0):
@@ -214,10 +220,10 @@ def test_float32_and_half_precision():
 
 def test_empty_inputs():
     z = jnp.zeros((2, 0, 4, 8))
-    out, lse = kernels.flash_attention(z, z[:, :, :2], z[:, :, :2], scale=1.0)
+    out, lse = flash_attention(z, z[:, :, :2], z[:, :, :2], scale=1.0)
     assert out.shape == (2, 0, 4, 8) and lse.shape == (2, 0, 4)
     q = jnp.ones((2, 3, 4, 8))
-    out, lse = kernels.flash_attention(q, z[:, :, :2], z[:, :, :2], scale=1.0)
+    out, lse = flash_attention(q, z[:, :, :2], z[:, :, :2], scale=1.0)
     assert bool(jnp.all(out == 0)) and bool(jnp.all(lse == -jnp.inf))
 
 
@@ -236,3 +242,88 @@ def test_attend_resolves_implementations():
 def test_default_tiling_depends_on_the_platform():
     assert Tiling.for_platform("cpu") == xla_kernel.CPU_TILING
     assert Tiling.for_platform("gpu").step_scores > 100 * Tiling.for_platform("cpu").step_scores
+
+
+# ----------------------------------------------------------------------------------------------
+# The choice of kernel: a pure rule over call shapes (made-up devices), and the probe's fallback.
+
+GPU_BF16 = select.CallShape(platform="gpu", dtype="bfloat16", head_dim=128, need_lse=False)
+CHOICES = [
+    (select.CallShape(platform="cpu", dtype="float32", head_dim=64), ("xla",)),
+    (select.CallShape(platform="tpu", dtype="bfloat16", head_dim=128), ("xla",)),
+    (GPU_BF16, ("pallas", "cudnn", "xla")),
+    (select.CallShape(platform="cuda", dtype="bfloat16", head_dim=128, need_lse=True), ("pallas", "xla")),
+    (select.CallShape(platform="gpu", dtype="float16", head_dim=64, need_lse=False, has_mask=True), ("pallas", "xla")),
+    (select.CallShape(platform="gpu", dtype="float32", head_dim=64, need_lse=False), ("pallas", "xla")),
+    (select.CallShape(platform="gpu", dtype="float64", head_dim=64), ("xla",)),
+    (select.CallShape(platform="gpu", dtype="bfloat16", head_dim=72, need_lse=False), ("cudnn", "xla")),
+    (select.CallShape(platform="gpu", dtype="bfloat16", head_dim=12, need_lse=False), ("xla",)),
+    (select.CallShape(platform="gpu", dtype="bfloat16", head_dim=64, dropout=True), ("xla",)),
+]
+
+
+@pytest.mark.parametrize("call,expected", CHOICES, ids=lambda x: str(x) if isinstance(x, tuple) else "")
+def test_candidates_table(call, expected):
+    assert select.candidates(call) == expected
+
+
+@pytest.mark.parametrize("name,call,match", [
+    ("pallas", select.CallShape(platform="tpu", dtype="float32", head_dim=64), r"not on 'tpu'"),
+    ("pallas", select.CallShape(platform="gpu", dtype="float64", head_dim=64), r"float64"),
+    ("pallas", select.CallShape(platform="gpu", dtype="bfloat16", head_dim=72), r"head_dim 72"),
+    ("cudnn", select.CallShape(platform="cpu", dtype="bfloat16", head_dim=64, need_lse=False), r"NVIDIA GPU"),
+    ("cudnn", select.CallShape(platform="gpu", dtype="bfloat16", head_dim=64), r"log-sum-exp has no gradient"),
+    ("cudnn", select.CallShape(platform="gpu", dtype="float32", head_dim=64, need_lse=False), r"float16/bfloat16"),
+    ("cudnn", select.CallShape(platform="gpu", dtype="bfloat16", head_dim=264, need_lse=False), r"multiple of 8"),
+    ("xla", select.CallShape(platform="gpu", dtype="bfloat16", head_dim=64, dropout=True), None),
+])
+def test_unsupported_reasons(name, call, match):
+    reason = select.unsupported(name, call)
+    if match is None:
+        assert reason is None
+    else:
+        assert reason is not None and re.search(match, reason), reason
+
+
+def test_named_backend_that_cannot_serve_raises():
+    q = jnp.ones((1, 8, 2, 4), jnp.float64)
+    with pytest.raises(ValueError, match=r"implementation='pallas' cannot serve this call: .*float64"):
+        attend(q, q, q, scale=0.5, implementation="pallas")
+    with pytest.raises(ValueError, match=r"implementation='cudnn' cannot serve this call: cuDNN attention needs"):
+        attend(q, q, q, scale=0.5, need_lse=False, implementation="cudnn")
+
+
+def test_probe_failure_falls_back_once_with_a_warning(monkeypatch):
+    """A kernel that fails its probe on a (made-up) GPU is skipped with one warning naming the reason."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no Triton here")
+
+    monkeypatch.setattr(select.pallas, "flash_attention", broken)
+    monkeypatch.setattr(select.cudnn, "attention", broken)
+    select.probe.cache_clear()
+    select._warn_once.cache_clear()
+    call = select.CallShape(platform="gpu", dtype="float32", head_dim=16, need_lse=False)
+    with pytest.warns(RuntimeWarning, match=r"pallas attention kernel is skipped .* RuntimeError: no Triton here"):
+        assert select.choose(call) == "xla"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select.choose(call) == "xla"  # remembered: no second probe, no second warning
+    select.probe.cache_clear()
+    select._warn_once.cache_clear()
+
+
+def test_probe_passes_for_the_interpreted_pallas_kernel():
+    """On the CPU the probe can run our Pallas kernel (interpreted) against the XLA kernel."""
+    call = select.CallShape(platform="cpu", dtype="float32", head_dim=16, is_causal=True, has_mask=True)
+    assert select.probe("pallas", call) is None
+
+
+def test_pallas_through_the_public_api_on_the_cpu():
+    """implementation='pallas' runs our kernel (interpret mode here) inside a dilated call."""
+    rng = np.random.default_rng()
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 64, 2, 16)), jnp.float32) for _ in range(3))
+    kw = dict(segment_lengths=(32, 64), dilation_rates=(1, 2), is_causal=True, merge="lse")
+    with jax.default_matmul_precision("highest"):
+        got = jd.improved_dilated_attention(q, k, v, implementation="pallas", **kw)
+        want = jd.improved_dilated_attention(q, k, v, implementation="xla", **kw)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

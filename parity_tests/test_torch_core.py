@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torch_ref as tr
+from torch_ref.kernels import attend, flex
 from parity_tests.strategies import dilated_configs, random_padding, random_qkv
 
 FUNCTIONS = {
@@ -157,3 +158,24 @@ def test_import_changes_no_torch_global_state():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+@pytest.mark.skipif(not flex.available(), reason="this torch has no flex attention")
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_flex_lse_path_forward_matches_reference(is_causal):
+    """The CUDA log-sum-exp path (flex attention) runs forward on the CPU: its masks, GQA, empty rows
+    and log-sum-exp against the float64 reference of the kernel (``attend`` with repeated k/v)."""
+    rng = np.random.default_rng()
+    q = torch.as_tensor(rng.standard_normal((2, 20, 4, 8)))
+    k, v = (torch.as_tensor(rng.standard_normal((2, 20, 2, 8))) for _ in range(2))
+    valid = torch.as_tensor(rng.random((2, 20)) > 0.3)
+    valid[1] = False  # a row of the batch with no visible key at all
+    out, lse = flex.flex_attention(q, k, v, scale=0.3, is_causal=is_causal, kv_valid=valid)
+    want_out, want_lse = attend(q, k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2), scale=0.3,
+                                is_causal=is_causal, kv_valid=valid)
+    np.testing.assert_allclose(out.numpy(), want_out.numpy(), rtol=0, atol=1e-12)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse))
+    finite = torch.isfinite(want_lse)
+    # flex attention keeps its log-sum-exp in float32, even for float64 inputs
+    np.testing.assert_allclose(lse[finite].numpy(), want_lse[finite].numpy(), rtol=0, atol=1e-5)

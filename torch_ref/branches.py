@@ -8,11 +8,13 @@ merge rule (docs/semantics.md sections 1-2).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from dilated_plan import Branch, DilatedConfig
-from torch_ref.kernels import sdpa_attention
+from torch_ref.kernels import flex, sdpa_attention
 
 Tensor = torch.Tensor
 
@@ -49,15 +51,20 @@ def branch_attention(
     """One branch of dilated attention on ``(b, n, h, d)`` tensors: its heads' output and log-sum-exp.
 
     Returns ``(b, n, heads_of_branch, d)`` (0 off the branch's positions) and, with ``need_lse``,
-    ``(b, n, heads_of_branch)`` (``-inf`` there), else None.
+    ``(b, n, heads_of_branch)`` (``-inf`` there), else None. SDPA serves the output; the log-sum-exp
+    comes, on CUDA without dropout, from flex attention's one fused pass, else from a chunked second
+    pass (docs/torch_core.md).
     """
     b = q.shape[0]
     hs = br.head_slice
     qd, kd, vd = (dilate(x[:, :, hs], br) for x in (q, k, v))  # (B, m, hg, d) strided views
     valid = None if key_padding_mask is None else ~dilate(key_padding_mask, br)
-    o, lse = sdpa_attention(
-        qd, kd, vd, scale=scale, is_causal=is_causal, kv_valid=valid, dropout_p=dropout_p, need_lse=need_lse
-    )
+    kw: dict[str, Any] = dict(scale=scale, is_causal=is_causal, kv_valid=valid)
+    lse: Tensor | None
+    if need_lse and q.is_cuda and dropout_p == 0.0 and flex.available():
+        o, lse = flex.flex_attention(qd, kd, vd, **kw)
+    else:
+        o, lse = sdpa_attention(qd, kd, vd, dropout_p=dropout_p, need_lse=need_lse, **kw)
     return undilate(o, br, b, 0.0), None if lse is None else undilate(lse, br, b, float("-inf"))
 
 

@@ -10,6 +10,7 @@ function: ``dilated_attention`` is the readable form (index gather, attend, scat
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cfg: DilatedConfi
     b, n, h, d = q.shape
     if n == 0:
         return torch.zeros_like(q)
-    kw = dict(scale=default_scale(d, options["scale"]), is_causal=bool(options["is_causal"]))
+    kw: dict[str, Any] = dict(scale=default_scale(d, options["scale"]), is_causal=bool(options["is_causal"]))
     kw.update(dropout_p=float(options["dropout_p"]), need_lse=cfg.merge == "lse")
     branches = cfg.branches(h)
     results = [branch_fn(q, k, v, mask, br, **kw) for br in branches]
@@ -105,7 +106,7 @@ def dilated_attention(
     torch.Size([1, 16, 4, 8])
     """
     cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask, dropout_p)
-    options = dict(is_causal=is_causal, scale=scale, dropout_p=dropout_p)
+    options: dict[str, Any] = dict(is_causal=is_causal, scale=scale, dropout_p=dropout_p)
     return _run(q, k, v, key_padding_mask, cfg, options, _standard_branch)
 
 
@@ -137,7 +138,7 @@ def improved_dilated_attention(
     torch.Size([2, 32, 4, 8])
     """
     cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask, dropout_p)
-    options = dict(is_causal=is_causal, scale=scale, dropout_p=dropout_p)
+    options: dict[str, Any] = dict(is_causal=is_causal, scale=scale, dropout_p=dropout_p)
     return _run(q, k, v, key_padding_mask, cfg, options, branch_attention)
 
 

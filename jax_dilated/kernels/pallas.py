@@ -301,14 +301,15 @@ def _plan(
 
 
 def _i32(x) -> Array:
-    return jnp.asarray(x, jnp.int32)
+    """``x`` as int32: a traced value is converted, a Python int becomes a literal (never a captured constant)."""
+    return lax.convert_element_type(x, jnp.int32)
 
 
 def _div(x, n: int) -> Array:
     """``x // n`` for a non-negative int32 ``x``: ``lax.div`` truncates (one instruction, where ``//``
     adds floor fix-ups) and keeps int32 under ``jax_enable_x64``."""
     x = _i32(x)
-    return lax.div(x, jnp.asarray(n, x.dtype))
+    return lax.div(x, lax.convert_element_type(n, jnp.int32))
 
 
 def _loop(lo, hi, body, carry):
