@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install "$(TORCH_SPEC)" -e ".[torch,dev,bench,notebooks]"
 	touch $@
 
-.PHONY: install bench test lint
+.PHONY: install bench test lint gpu-check
 install: $(VENV)/.installed
 
 bench: $(VENV)/.installed
@@ -42,3 +42,10 @@ figures: $(VENV)/.installed
 	$(PY) -m benchmarks --variants block_sparse --seq-lens 16384,65536 --timeout 300 --no-seed-comparison \
 		--out $(FIG)/block_sparse_memory
 	$(PY) -m benchmarks.ring_scaling
+
+# The one-shot check of a lent GPU machine (at most ~8 minutes): versions, kernel probes, exactness of
+# every variant, kernel TFLOP/s, improved vs torch, the longest n, the GPU report -> benchmarks/results/gpu/.
+# The lent machines have everything installed, so this target uses their python3 directly, no venv.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_ARGS)
