@@ -1,47 +1,50 @@
-"""One benchmark measurement: what is run (:class:`Case`) and what came out (:class:`Row`).
+"""Plain data of the benchmark: what one measurement runs (:class:`Case`) and what came out of it
+(:class:`Measurement`, with :class:`Status` and :class:`FailureKind`).
 
-A case is plain, hashable data so that it can be sent to a worker subprocess as JSON and used as a
-key to avoid measuring the same configuration twice (the seed comparison reuses main-run cases).
+This module imports nothing else from ``benchmarks``: every other module may import it. A case is
+hashable (it is the key that lets two report sections share one measurement) and travels to the
+worker subprocess as JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from typing import Any
 
-from benchmarks.flops import useful_flops
-
-#: The seven variants of the seed table, in its order.
-SEED_VARIANTS: tuple[str, ...] = (
-    "standard",
-    "improved",
-    "multihead_standard",
-    "multihead_improved",
-    "ring_v2_collective",
-    "block_sparse",
-    "block_sparse_multihead",
-)
-#: Dense softmax attention (``jax.nn.dot_product_attention`` / torch SDPA), the baseline.
-DENSE = "dense"
-VARIANTS: tuple[str, ...] = SEED_VARIANTS + (DENSE,)
-MODULE_VARIANTS: tuple[str, ...] = ("multihead_standard", "multihead_improved", "block_sparse_multihead")
-BLOCK_SPARSE_VARIANTS: tuple[str, ...] = ("block_sparse", "block_sparse_multihead")
 FRAMEWORKS: tuple[str, ...] = ("jax", "torch")
 DEVICES: tuple[str, ...] = ("cpu", "gpu")
 DTYPES: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
-#: Status marks of a row, as in the seed table.
-OK, FAILED = "✓", "✗"
+
+
+class Status(enum.StrEnum):
+    """Outcome of a case, stored in ``results.json`` as the plain string (``"ok"``, ``"failed"``)."""
+
+    OK = "ok"
+    FAILED = "failed"
+
+
+class FailureKind(enum.StrEnum):
+    """Why a case failed (``results.json`` field ``failure``; ``null`` for an ``ok`` row)."""
+
+    ERROR = "error"                  # the step raised (bad shape, unsupported option, ...)
+    OUT_OF_MEMORY = "out_of_memory"  # MemoryError, RESOURCE_EXHAUSTED, CUDA out of memory
+    TIMEOUT = "timeout"              # the subprocess ran past --timeout and was stopped
+    KILLED = "killed"                # the subprocess died without a result (SIGKILL: usually the OOM killer)
+    SKIPPED = "skipped"              # not run: the same settings timed out or were killed at a smaller n
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     """Everything that defines one measurement.
 
-    Core variants take ``q, k, v`` of shape ``(batch, seq_len, heads, head_dim)``; module variants
-    take ``x`` of shape ``(batch, seq_len, embed_dim)`` with ``embed_dim // heads`` per head.
-    ``segment_lengths``/``dilation_rates`` apply to the dilated variants, ``block_size`` and
-    ``sparsity_ratio`` to the block-sparse ones (pattern ``dilated_sparse``); ``dense`` uses neither.
+    ``variant`` is a key of :data:`benchmarks.variants.VARIANTS`, which says what the name runs.
+    Attention variants take ``q, k, v`` of shape ``(batch, seq_len, heads, head_dim)``; module
+    variants take ``x`` of shape ``(batch, seq_len, embed_dim)`` with ``embed_dim // heads`` per head;
+    ``matmul`` multiplies two ``(seq_len, seq_len)`` matrices (the machine's peak). ``causal`` and
+    ``backward`` (time forward + backward) belong to each case, so that one run can hold every mode.
+    ``devices > 1`` shards the sequence over that many (simulated, on CPU) devices (ring attention).
     """
 
     variant: str
@@ -60,32 +63,21 @@ class Case:
     repeats: int = 3
     block_size: int = 128
     sparsity_ratio: float = 0.9
+    devices: int = 1
+    # Room for later row families (see benchmarks.plan.PLANNED): a ``num_kv_heads`` field for GQA
+    # and a ``decode`` flag for tokens/s, once jax_dilated and torch_ref accept them.
 
     @property
-    def is_module(self) -> bool:
-        """True for the multi-head module variants, which take ``(b, n, embed_dim)`` input."""
-        return self.variant in MODULE_VARIANTS
-
-    @property
-    def is_block_sparse(self) -> bool:
-        """True for the two block-sparse variants."""
-        return self.variant in BLOCK_SPARSE_VARIANTS
-
-    @property
-    def effective_head_dim(self) -> int:
-        """Per-head width actually used: ``embed_dim // heads`` for modules, else ``head_dim``."""
-        return self.embed_dim // self.heads if self.is_module else self.head_dim
-
-    def label(self) -> str:
-        """Short human-readable name, e.g. ``jax improved n=8192``."""
-        return f"{self.framework} {self.variant} n={self.seq_len}"
+    def mode(self) -> str:
+        """``forward``, ``causal forward``, ``forward+backward`` or ``causal forward+backward``."""
+        return ("causal " if self.causal else "") + ("forward+backward" if self.backward else "forward")
 
     def to_json(self) -> str:
         """Serialise for the worker subprocess (inverse of :meth:`from_json`)."""
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "Case":
+    def from_json(cls, text: str) -> Case:
         """Rebuild a case from :meth:`to_json` output."""
         data = json.loads(text)
         data["segment_lengths"] = tuple(data["segment_lengths"])
@@ -95,63 +87,41 @@ class Case:
 
 @dataclasses.dataclass
 class Measurement:
-    """What a worker reports for one case (times in ms, memory in MB = 2**20 bytes).
+    """What a worker reports for one case (times in ms, memory in MiB = 2**20 bytes).
 
-    ``wall_s`` and ``cpu_s`` are the whole subprocess's wall-clock and CPU seconds (imports,
-    compilation and all calls included), filled in by the parent: the cost of the case in a run.
+    ``times_ms`` holds every timed repeat in order; ``time_ms`` is their median. ``xla`` holds what the
+    compiled JAX program says about itself (per-device memory from ``compiled.memory_analysis()`` and
+    the collective ops of its HLO); it is empty for torch. ``wall_s`` and ``cpu_s`` are the whole
+    subprocess's wall-clock and CPU seconds (imports and compilation included), filled in by the
+    parent: the cost of the case in a run.
     """
 
-    status: str
+    status: Status
+    failure: FailureKind | None = None
+    times_ms: list[float] = dataclasses.field(default_factory=list)
     time_ms: float | None = None
     memory_mb: float | None = None
     density: float | None = None
     error: str = ""
     device_name: str = ""
+    software: str = ""
+    xla: dict[str, float] = dataclasses.field(default_factory=dict)
     wall_s: float | None = None
     cpu_s: float | None = None
 
     @classmethod
-    def failure(cls, error: str) -> "Measurement":
-        """A ✗ measurement carrying ``error``."""
-        return cls(status=FAILED, error=error)
+    def failed(cls, kind: FailureKind, error: str) -> Measurement:
+        """A failed measurement of ``kind`` carrying the one-line ``error``."""
+        return cls(status=Status.FAILED, failure=kind, error=error)
 
+    def to_json(self) -> str:
+        """Serialise for the trip from the worker back to the parent (inverse of :meth:`from_json`)."""
+        return json.dumps(dataclasses.asdict(self))
 
-def make_row(case: Case, m: Measurement, section: str = "main") -> dict[str, Any]:
-    """Flatten a case and its measurement into one results row (the ``results.json`` object).
-
-    Derived fields: ``throughput_tok_s = batch * seq_len / time`` and ``gflops`` = useful FLOPs
-    (:func:`benchmarks.flops.useful_flops`) per second / 1e9.
-    """
-    ok = m.status == OK and m.time_ms is not None
-    seconds = m.time_ms / 1e3 if ok else None
-    flops = useful_flops(case, m.density) if ok else None
-    return {
-        "variant": case.variant,
-        "framework": case.framework,
-        "device": case.device,
-        "dtype": case.dtype,
-        "batch": case.batch,
-        "seq_len": case.seq_len,
-        "heads": case.heads,
-        "head_dim": case.effective_head_dim,
-        "segment_lengths": list(case.segment_lengths),
-        "dilation_rates": list(case.dilation_rates),
-        "time_ms": m.time_ms if ok else None,
-        "memory_mb": m.memory_mb if ok else None,
-        "throughput_tok_s": case.batch * case.seq_len / seconds if ok else None,
-        "gflops": flops / seconds / 1e9 if (ok and flops is not None) else None,
-        "status": m.status,
-        "error": m.error,
-        # extras
-        "density": m.density,
-        "causal": case.causal,
-        "backward": case.backward,
-        "embed_dim": case.embed_dim if case.is_module else None,
-        "block_size": case.block_size if case.is_block_sparse else None,
-        "sparsity_ratio": case.sparsity_ratio if case.is_block_sparse else None,
-        "repeats": case.repeats,
-        "section": section,
-        "device_name": m.device_name,
-        "wall_s": m.wall_s,
-        "cpu_s": m.cpu_s,
-    }
+    @classmethod
+    def from_json(cls, text: str) -> Measurement:
+        """Rebuild a measurement from :meth:`to_json` output (strings back to enums)."""
+        data: dict[str, Any] = json.loads(text)
+        data["status"] = Status(data["status"])
+        data["failure"] = None if data["failure"] is None else FailureKind(data["failure"])
+        return cls(**data)

@@ -1,4 +1,4 @@
-"""Useful floating-point operations of one benchmark case (the GFLOP/s column).
+"""Useful floating-point operations (the GFLOP/s column), as plain formulas of the shapes.
 
 "Useful" counts the multiply-adds of the two attention matmuls (``Q K^T`` and ``P V``, 2 FLOPs per
 multiply-add each, hence the 4) over the query/key pairs the variant is *defined* to compare, not
@@ -8,19 +8,20 @@ what an implementation happens to compute (zero-filled or masked work is not use
   ``r_i``: ``4 * b * h_i * (n / s_i) * (s_i / r_i)**2 * d``, summed over the groups;
 - dense attention: ``4 * b * h * n**2 * d``;
 - block-sparse: ``4 * b * h * kept * B**2 * d`` with ``kept = density * (n / B)**2`` kept blocks;
-- multi-head modules add their four ``E x E`` projections, ``4 * 2 * b * n * E**2``.
+- multi-head modules add their four ``E x E`` projections, ``4 * 2 * b * n * E**2``;
+- the peak-measuring matmul of two ``n x n`` matrices: ``2 * n**3``.
 
 Causal masking halves the attention terms (for block-sparse: the diagonal blocks count half, the
-layout already drops future blocks). ``backward`` multiplies everything by 3: the backward pass
-does two matmuls for each forward one.
+layout already drops future blocks). Forward + backward is 3 times the forward: the backward pass
+does two matmuls for each forward one (:func:`with_backward`).
+
+This module imports nothing from ``benchmarks``; :mod:`benchmarks.variants` says which formula each
+variant uses.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
-
-if TYPE_CHECKING:  # pragma: no cover
-    from benchmarks.case import Case
+from collections.abc import Sequence
 
 
 def head_groups(num_heads: int, num_groups: int) -> list[int]:
@@ -32,7 +33,7 @@ def dilated_flops(batch: int, seq_len: int, heads: int, head_dim: int, segment_l
                   dilation_rates: Sequence[int], causal: bool = False) -> float:
     """Useful forward FLOPs of dilated attention (head partition), summed over the groups."""
     total = 0.0
-    for h_i, s, r in zip(head_groups(heads, len(segment_lengths)), segment_lengths, dilation_rates):
+    for h_i, s, r in zip(head_groups(heads, len(segment_lengths)), segment_lengths, dilation_rates, strict=True):
         total += 4.0 * batch * h_i * (seq_len / s) * (s / r) ** 2 * head_dim
     return total / 2 if causal else total
 
@@ -56,20 +57,16 @@ def block_sparse_flops(batch: int, seq_len: int, heads: int, head_dim: int, bloc
     return 4.0 * batch * heads * kept * block_size**2 * head_dim
 
 
-def useful_flops(case: "Case", density: float | None = None) -> float | None:
-    """Useful FLOPs of ``case`` (forward, or forward + backward), or None when unknown.
+def projection_flops(batch: int, seq_len: int, embed_dim: int) -> float:
+    """The four ``E x E`` projections of a multi-head module: ``8 b n E^2``."""
+    return 8.0 * batch * seq_len * embed_dim**2
 
-    ``density`` is the realised block density, needed (and only used) for block-sparse variants.
-    """
-    b, n, h, d = case.batch, case.seq_len, case.heads, case.effective_head_dim
-    if case.variant == "dense":
-        total = dense_flops(b, n, h, d, case.causal)
-    elif case.is_block_sparse:
-        if density is None:
-            return None
-        total = block_sparse_flops(b, n, h, d, case.block_size, density, case.causal)
-    else:
-        total = dilated_flops(b, n, h, d, case.segment_lengths, case.dilation_rates, case.causal)
-    if case.is_module:
-        total += 8.0 * b * n * case.embed_dim**2
-    return 3 * total if case.backward else total
+
+def matmul_flops(n: int) -> float:
+    """One ``(n, n) @ (n, n)`` matrix product: ``2 n^3``."""
+    return 2.0 * n**3
+
+
+def with_backward(forward: float, backward: bool) -> float:
+    """Forward FLOPs, or forward + backward (3 times the forward) when ``backward``."""
+    return 3 * forward if backward else forward

@@ -1,19 +1,20 @@
 """The seed package's published benchmark table, and the configuration that reruns it.
 
 The seed table (``seed_data/seed-benchmark-*.txt``, a copy of ``../shared/seed/``) is a tabulate grid
-measured on a CUDA GPU. Every seed model was built with ``segment_lengths=[n], dilation_rates=[1]``,
-i.e. dense attention; :func:`seed_cases` reproduces that effective configuration, and
-:func:`dilated_cases` the dilated one the seed never measured.
+measured on a CUDA GPU (another machine than ours). Every seed model was built with
+``segment_lengths=[n], dilation_rates=[1]``, i.e. dense attention; :func:`seed_cases` reproduces that
+effective configuration, and :func:`dilated_cases` the dilated one the seed never measured.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from benchmarks.case import SEED_VARIANTS, Case
+from benchmarks.case import Case, Status
+from benchmarks.variants import SEED_VARIANTS
 
 #: Where the seed table lives: benchmarks/seed_data/, a copy of the project's ../shared/seed/
 SEED_DIR = Path(__file__).resolve().parent / "seed_data"
@@ -24,7 +25,7 @@ DILATED_SEGMENTS, DILATED_RATES = (1024, 2048, 4096), (1, 2, 4)
 
 @dataclasses.dataclass(frozen=True)
 class SeedRow:
-    """One row of the seed table (``None`` where the seed printed ``N/A``)."""
+    """One row of the seed table (``None`` where the seed printed ``N/A``; its ✓/✗ as a :class:`Status`)."""
 
     variant: str
     batch: int
@@ -33,7 +34,7 @@ class SeedRow:
     time_ms: float | None
     memory_mb: float | None
     throughput_tok_s: float | None
-    status: str
+    status: Status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +63,12 @@ def parse_seed_table(text: str, path: Path = Path("?")) -> SeedTable:
         if columns is None:
             columns = cells
             continue
-        row = dict(zip(columns, cells))
+        row = dict(zip(columns, cells, strict=False))
         rows.append(SeedRow(
             variant=row["Implementation"], batch=int(row["Batch"]), seq_len=int(row["Seq Len"]),
             heads=int(row["Heads"]), time_ms=_number(row["Time (ms)"]), memory_mb=_number(row["Memory (MB)"]),
-            throughput_tok_s=_number(row["Throughput (tok/s)"]), status=row["Status"]))
+            throughput_tok_s=_number(row["Throughput (tok/s)"]),
+            status=Status.OK if row["Status"] == "✓" else Status.FAILED))
     return SeedTable(header=header, rows=tuple(rows), path=path)
 
 
@@ -85,7 +87,8 @@ def seed_device(table: SeedTable) -> str:
     return "CUDA GPU" if device == "cuda" else device
 
 
-def seed_cases(base: Case, variants: Sequence[str], frameworks: Sequence[str], repeats: int | None = None) -> list[Case]:
+def seed_cases(base: Case, variants: Sequence[str], frameworks: Sequence[str],
+               repeats: int | None = None) -> list[Case]:
     """The seed's effective configuration: ``segment_lengths=[n]``, ``dilation_rates=[1]``, n 4096 and 8192,
     batch 2, 8 heads, float32, forward only, non-causal; device, block-sparse options and (unless
     ``repeats`` is given) repeats from ``base``. Only the seed's variants among ``variants`` take part."""

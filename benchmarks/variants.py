@@ -1,42 +1,44 @@
-"""Builders that turn a :class:`~benchmarks.case.Case` into a ready-to-time step, in either framework.
+"""The registry: what each variant name measures, and how it is built in each framework.
 
-``build(case)`` creates random inputs on the case's device, looks the variant's callable up in
-``jax_dilated`` or ``torch_ref`` *at call time* (a name another issue has not delivered yet raises
-:class:`NotImplementedYet`), and returns a :class:`Built` whose ``step()`` runs the computation once:
-the forward pass, or forward + backward with ``case.backward`` (gradients w.r.t. ``q, k, v`` for
-functions and w.r.t. the parameters for modules). JAX steps are jitted; a module is split into its
-parameters and the rest so that one ``jax.jit`` covers the whole call. Torch modules run in eval mode,
-and forward-only steps under ``torch.no_grad()``.
+:data:`VARIANTS` maps a name to a :class:`Variant`: its label (what the row measures), its kind,
+whether the seed package measured it, its useful FLOPs (:mod:`benchmarks.flops`) and one builder per
+framework. A builder takes a :class:`~benchmarks.case.Case` and returns a :class:`Built`: random
+inputs on the case's device and a ``step()`` that runs the computation once, the forward pass or,
+with ``case.backward``, forward + backward (gradients w.r.t. ``q, k, v`` for functions and w.r.t.
+the parameters for modules).
 
-Only the framework of the case is imported.
+JAX steps are compiled ahead of the warm-up (``jax.jit(f).lower(*inputs).compile()``), so the
+runner can read the compiled program's memory analysis and HLO; a module is split into its
+parameters and the rest so that one compiled program covers the whole call. Torch modules run in
+eval mode, forward-only steps under ``torch.no_grad()``.
+
+Every builder imports its framework (and ``jax_dilated`` or ``torch_ref``) itself, inside the
+function: the worker subprocess of a case imports only that case's framework.
+
+Rows planned for later (:data:`PLANNED`) are listed below the registry; the report prints them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from typing import Any, Callable
+import enum
+from collections.abc import Callable
+from typing import Any
 
-import numpy as np
-
+from benchmarks import flops
 from benchmarks.case import Case
 
-PACKAGES = {"jax": "jax_dilated", "torch": "torch_ref"}
-#: The public name each variant resolves to (the same in both packages; ``dense`` uses the framework's own).
-API_NAMES: dict[str, str] = {
-    "standard": "dilated_attention",
-    "improved": "improved_dilated_attention",
-    "multihead_standard": "MultiheadDilatedAttention",
-    "multihead_improved": "ImprovedMultiheadDilatedAttention",
-    "ring_v2_collective": "ring_dilated_attention",
-    "block_sparse": "block_sparse_attention",
-    "block_sparse_multihead": "BlockSparseMultiheadDilatedAttention",
-}
+#: The block-sparse pattern every block-sparse case uses.
 PATTERN = "dilated_sparse"
 
 
-class NotImplementedYet(Exception):
-    """The variant's public name does not exist (yet) in the framework's package."""
+class Kind(enum.StrEnum):
+    """What a variant takes and how its row is read."""
+
+    ATTENTION = "attention"  # a function of q, k, v of shape (b, n, h, d)
+    MODULE = "module"        # a multi-head module called on x of shape (b, n, E)
+    BASELINE = "baseline"    # the framework's own dense attention
+    PEAK = "peak"            # a plain matmul: the machine's attainable FLOP/s, not attention
 
 
 @dataclasses.dataclass
@@ -47,157 +49,453 @@ class Built:
       step: runs the computation once on fixed inputs and returns its outputs (possibly unfinished).
       sync: blocks until the outputs of ``step`` are computed (device synchronisation).
       density: realised block density for block-sparse variants, else None.
-      device_name: human-readable name of the accelerator the case runs on ("" on CPU).
+      device_name: the device the case runs on, e.g. ``cuda: NVIDIA H200`` ("" on CPU).
+      software: framework and version, e.g. ``jax 0.10.2``.
+      compiled: the compiled JAX program (``jax.stages.Compiled``) that ``step`` calls; None for torch.
     """
 
     step: Callable[[], Any]
     sync: Callable[[Any], None]
-    density: float | None
-    device_name: str
+    density: float | None = None
+    device_name: str = ""
+    software: str = ""
+    compiled: Any = None
 
 
-def resolve(framework: str, name: str) -> Any:
-    """``getattr(package, name)`` for the framework's package, or raise :class:`NotImplementedYet`."""
-    package = importlib.import_module(PACKAGES[framework])
-    obj = getattr(package, name, None)
-    if obj is None:
-        raise NotImplementedYet(f"not implemented yet: {PACKAGES[framework]}.{name} does not exist")
-    return obj
+Builder = Callable[[Case], Built]
+Flops = Callable[[Case, float | None], float | None]
 
 
-def _density(case: Case) -> float | None:
-    if not case.is_block_sparse:
-        return None
-    layout = resolve(case.framework, "block_layout")(case.seq_len, case.block_size, PATTERN, case.sparsity_ratio,
-                                                      1, case.causal)
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One registered variant.
+
+    Attributes:
+      name: the key used on the command line, in ``results.json`` and in the seed table.
+      describe: the row label for a case, naming what it measures (``ring_v2_collective (1 device =
+        improved)``).
+      kind: see :class:`Kind`.
+      build_jax, build_torch: the builders (see the module doc).
+      forward_flops: useful forward FLOPs of a case, given the realised block density (or None).
+      seed: the seed package's benchmark table has this variant.
+      block_sparse: the row has a block density.
+    """
+
+    name: str
+    describe: Callable[[Case], str]
+    kind: Kind
+    build_jax: Builder
+    build_torch: Builder
+    forward_flops: Flops
+    seed: bool = False
+    block_sparse: bool = False
+
+    def build(self, case: Case) -> Built:
+        """The builder of ``case.framework`` applied to ``case``."""
+        if case.framework == "jax":
+            return self.build_jax(case)
+        if case.framework == "torch":
+            return self.build_torch(case)
+        raise ValueError(f"framework={case.framework!r} is unknown; use 'jax' or 'torch'.")
+
+    def head_dim(self, case: Case) -> int:
+        """Per-head width actually used: ``embed_dim // heads`` for modules, else ``head_dim``."""
+        return case.embed_dim // case.heads if self.kind is Kind.MODULE else case.head_dim
+
+    def useful_flops(self, case: Case, density: float | None = None) -> float | None:
+        """Useful FLOPs of one step of ``case`` (forward, or forward + backward); None when unknown."""
+        forward = self.forward_flops(case, density)
+        return None if forward is None else flops.with_backward(forward, case.backward)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _dilated_kw(case: Case) -> dict[str, Any]:
+    return dict(segment_lengths=case.segment_lengths, dilation_rates=case.dilation_rates, is_causal=case.causal)
+
+
+def _block_kw(case: Case) -> dict[str, Any]:
+    return dict(block_size=case.block_size, pattern=PATTERN, sparsity_ratio=case.sparsity_ratio)
+
+
+def _density(block_layout: Callable[..., Any], case: Case) -> float:
+    """Fraction of kept blocks of the case's layout, from the framework's own ``block_layout``."""
+    import numpy as np
+
+    layout = block_layout(case.seq_len, case.block_size, PATTERN, case.sparsity_ratio, 1, case.causal)
     return float(np.asarray(layout, dtype=np.float64).mean())
 
 
-def _function_kwargs(case: Case) -> dict[str, Any]:
-    """Keyword arguments of the core function of ``case`` (besides q, k, v)."""
-    if case.variant == "block_sparse":
-        return dict(block_size=case.block_size, pattern=PATTERN, sparsity_ratio=case.sparsity_ratio,
-                    is_causal=case.causal)
-    kw = dict(segment_lengths=case.segment_lengths, dilation_rates=case.dilation_rates, is_causal=case.causal)
-    if case.variant == "ring_v2_collective":
-        kw["mesh" if case.framework == "jax" else "group"] = None  # one device, as in the seed
-    return kw
-
-
-def _module_args(case: Case) -> tuple[tuple, dict[str, Any]]:
-    """Constructor arguments (besides ``rngs`` and dtypes) of the module of ``case``."""
-    if case.variant == "block_sparse_multihead":
-        return (case.embed_dim, case.heads), dict(block_size=case.block_size, pattern=PATTERN,
-                                                  sparsity_ratio=case.sparsity_ratio)
-    return (case.embed_dim, case.heads, case.segment_lengths, case.dilation_rates), {}
+def _one_device(case: Case) -> None:
+    if case.devices != 1:
+        raise ValueError(f"devices={case.devices}: only the JAX ring variant shards over several devices; "
+                         f"use devices=1 for {case.framework} {case.variant}.")
 
 
 # ----------------------------------------------------------------------------------------------
 # JAX
 
 
-def _build_jax(case: Case) -> Built:
+def _jax_compile(case: Case, fn: Callable[..., Any], inputs: tuple, density: float | None = None) -> Built:
+    """Compile ``fn`` for ``inputs`` (its gradient with ``case.backward`` is already in ``fn``)."""
+    import jax
+
+    compiled = jax.jit(fn).lower(*inputs).compile()
+    jax.block_until_ready(inputs)
+    device = jax.devices()[0]
+    return Built(step=lambda: compiled(*inputs), sync=jax.block_until_ready, density=density,
+                 device_name="" if device.platform == "cpu" else f"{device.platform}: {device.device_kind}",
+                 software=f"jax {jax.__version__}", compiled=compiled)
+
+
+def _jax_dtype(case: Case):
     import jax
     import jax.numpy as jnp
 
     if case.dtype == "float64":
         jax.config.update("jax_enable_x64", True)  # this worker process only
-    dtype = jnp.dtype(case.dtype)
-    keys = jax.random.split(jax.random.key(0), 4)
-    device = jax.devices()[0]
+    return jnp.dtype(case.dtype)
 
-    if case.is_module:
-        from flax import nnx
 
-        cls = resolve("jax", API_NAMES[case.variant])
-        args, kw = _module_args(case)
-        model = cls(*args, **kw, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        x = jax.random.normal(keys[0], (case.batch, case.seq_len, case.embed_dim), dtype)
+def _jax_qkv(case: Case, attention: Callable[..., Any], sharding: Any = None,
+             density: float | None = None) -> Built:
+    """A step of ``attention(q, k, v)`` on random ``(b, n, h, d)`` inputs (placed with ``sharding``)."""
+    import jax
+    import jax.numpy as jnp
 
-        def forward(p, x):
-            return nnx.merge(graphdef, p, rest)(x, is_causal=case.causal)
-
-        if case.backward:
-            fn = jax.jit(jax.grad(lambda p, x: forward(p, x).astype(jnp.float32).sum()))
-        else:
-            fn = jax.jit(forward)
-        inputs = (params, x)
+    dtype = _jax_dtype(case)
+    shape = (case.batch, case.seq_len, case.heads, case.head_dim)
+    inputs = tuple(jax.random.normal(key, shape, dtype) for key in jax.random.split(jax.random.key(0), 3))
+    if sharding is not None:
+        inputs = tuple(jax.device_put(x, sharding) for x in inputs)
+    if case.backward:
+        fn = jax.grad(lambda q, k, v: attention(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
     else:
-        shape = (case.batch, case.seq_len, case.heads, case.head_dim)
-        inputs = tuple(jax.random.normal(key, shape, dtype) for key in keys[:3])
-        if case.variant == "dense":
-            core = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=case.causal,
-                                                                  implementation="xla")
-        else:
-            attention = resolve("jax", API_NAMES[case.variant])
-            kw = _function_kwargs(case)
-            core = lambda q, k, v: attention(q, k, v, **kw)
-        if case.backward:
-            fn = jax.jit(jax.grad(lambda q, k, v: core(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
-        else:
-            fn = jax.jit(core)
-    density = _density(case)
-    jax.block_until_ready(inputs)
-    return Built(step=lambda: fn(*inputs), sync=jax.block_until_ready, density=density,
-                 device_name="" if device.platform == "cpu" else f"{device.platform}: {device.device_kind}")
+        fn = attention
+    return _jax_compile(case, fn, inputs, density)
+
+
+def _jax_module(case: Case, make: Callable[..., Any], density: float | None = None) -> Built:
+    """A step of the NNX module ``make(dtype=, param_dtype=, rngs=)`` called on random ``(b, n, E)`` input."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    dtype = _jax_dtype(case)
+    model = make(dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(0), (case.batch, case.seq_len, case.embed_dim), dtype)
+
+    def forward(p, x):
+        return nnx.merge(graphdef, p, rest)(x, is_causal=case.causal)
+
+    fn = jax.grad(lambda p, x: forward(p, x).astype(jnp.float32).sum()) if case.backward else forward
+    return _jax_compile(case, fn, (params, x), density)
+
+
+def jax_standard(case: Case) -> Built:
+    import jax_dilated as jd
+
+    _one_device(case)
+    kw = _dilated_kw(case)
+    return _jax_qkv(case, lambda q, k, v: jd.dilated_attention(q, k, v, **kw))
+
+
+def jax_improved(case: Case) -> Built:
+    import jax_dilated as jd
+
+    _one_device(case)
+    kw = _dilated_kw(case)
+    return _jax_qkv(case, lambda q, k, v: jd.improved_dilated_attention(q, k, v, **kw))
+
+
+def jax_ring(case: Case) -> Built:
+    """``ring_dilated_attention``: ``mesh=None`` with one device (the seed's setting, which runs the
+    improved program), else the sequence sharded over a ``("seq",)`` mesh of ``case.devices``."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    import jax_dilated as jd
+
+    mesh = sharding = None
+    if case.devices > 1:
+        if jax.device_count() < case.devices:
+            raise ValueError(f"devices={case.devices} but JAX sees {jax.device_count()} device(s)")
+        mesh = jax.make_mesh((case.devices,), ("seq",), devices=jax.devices()[:case.devices])
+        sharding = NamedSharding(mesh, PartitionSpec(None, "seq"))
+    kw = _dilated_kw(case)
+    return _jax_qkv(case, lambda q, k, v: jd.ring_dilated_attention(q, k, v, mesh=mesh, axis_name="seq", **kw),
+                    sharding)
+
+
+def jax_block_sparse(case: Case) -> Built:
+    import jax_dilated as jd
+
+    _one_device(case)
+    kw = _block_kw(case)
+    return _jax_qkv(case, lambda q, k, v: jd.block_sparse_attention(q, k, v, is_causal=case.causal, **kw),
+                    density=_density(jd.block_layout, case))
+
+
+def jax_multihead_standard(case: Case) -> Built:
+    import jax_dilated as jd
+
+    _one_device(case)
+    return _jax_module(case, lambda **kw: jd.MultiheadDilatedAttention(
+        case.embed_dim, case.heads, case.segment_lengths, case.dilation_rates, **kw))
+
+
+def jax_multihead_improved(case: Case) -> Built:
+    import jax_dilated as jd
+
+    _one_device(case)
+    return _jax_module(case, lambda **kw: jd.ImprovedMultiheadDilatedAttention(
+        case.embed_dim, case.heads, case.segment_lengths, case.dilation_rates, **kw))
+
+
+def jax_block_sparse_multihead(case: Case) -> Built:
+    import jax_dilated as jd
+
+    _one_device(case)
+    return _jax_module(case, lambda **kw: jd.BlockSparseMultiheadDilatedAttention(
+        case.embed_dim, case.heads, **_block_kw(case), **kw), density=_density(jd.block_layout, case))
+
+
+def jax_dense(case: Case) -> Built:
+    import jax
+
+    _one_device(case)
+    return _jax_qkv(case, lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=case.causal,
+                                                                        implementation="xla"))
+
+
+def jax_matmul(case: Case) -> Built:
+    import jax
+
+    _one_device(case)
+    dtype = _jax_dtype(case)
+    a, b = (jax.random.normal(key, (case.seq_len, case.seq_len), dtype) for key in jax.random.split(jax.random.key(0)))
+    return _jax_compile(case, lambda a, b: a @ b, (a, b))
 
 
 # ----------------------------------------------------------------------------------------------
 # torch
 
 
-def _build_torch(case: Case) -> Built:
+def _torch_randn(case: Case):
+    """``randn(*shape)`` on the case's device and dtype, from a fixed CPU generator."""
     import torch
-    import torch.nn.functional as F
 
-    dtype = getattr(torch, case.dtype)
     device = torch.device("cuda" if case.device == "gpu" else "cpu")
+    dtype = getattr(torch, case.dtype)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    return lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
-    if case.is_module:
-        cls = resolve("torch", API_NAMES[case.variant])
-        args, kw = _module_args(case)
-        model = cls(*args, **kw).to(device=device, dtype=dtype).eval()
-        x = randn(case.batch, case.seq_len, case.embed_dim)
-        params = [p for p in model.parameters() if p.requires_grad]
-        inputs, wrt = (x,), params
-        call = lambda x: model(x, is_causal=case.causal)
-    else:
-        if case.variant == "dense":  # SDPA's native layout (b, h, n, d)
-            shape = (case.batch, case.heads, case.seq_len, case.head_dim)
-            call = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
-        else:
-            shape = (case.batch, case.seq_len, case.heads, case.head_dim)
-            attention = resolve("torch", API_NAMES[case.variant])
-            kw = _function_kwargs(case)
-            call = lambda q, k, v: attention(q, k, v, **kw)
-        inputs = tuple(randn(*shape).requires_grad_(case.backward) for _ in range(3))
-        wrt = list(inputs)
 
+def _torch_step(case: Case, call: Callable[..., Any], inputs: tuple, wrt: list,
+                density: float | None = None) -> Built:
+    """A step of ``call(*inputs)``; with ``case.backward`` the gradients of its sum w.r.t. ``wrt``."""
+    import torch
+
+    _one_device(case)
     if case.backward:
         def step():
-            out = call(*inputs)
-            return torch.autograd.grad(out.float().sum(), wrt)
+            return torch.autograd.grad(call(*inputs).float().sum(), wrt)
     else:
         def step():
             with torch.no_grad():
                 return call(*inputs)
 
-    if device.type == "cuda":
+    if case.device == "gpu":
         sync = lambda _out: torch.cuda.synchronize()
-        name = f"cuda: {torch.cuda.get_device_name(device)}"
+        name = f"cuda: {torch.cuda.get_device_name()}"
     else:
         sync = lambda _out: None  # CPU kernels run synchronously
         name = ""
-    return Built(step=step, sync=sync, density=_density(case), device_name=name)
+    return Built(step=step, sync=sync, density=density, device_name=name, software=f"torch {torch.__version__}")
 
 
-def build(case: Case) -> Built:
-    """Inputs, callable and synchronisation for ``case`` (imports only ``case.framework``)."""
-    if case.framework == "jax":
-        return _build_jax(case)
-    if case.framework == "torch":
-        return _build_torch(case)
-    raise ValueError(f"framework={case.framework!r} is unknown; use 'jax' or 'torch'.")
+def _torch_qkv(case: Case, attention: Callable[..., Any], density: float | None = None,
+               layout: str = "bnhd") -> Built:
+    """A step of ``attention(q, k, v)`` on random inputs, ``(b, n, h, d)`` or SDPA's ``(b, h, n, d)``."""
+    randn = _torch_randn(case)
+    b, n, h, d = case.batch, case.seq_len, case.heads, case.head_dim
+    shape = (b, n, h, d) if layout == "bnhd" else (b, h, n, d)
+    inputs = tuple(randn(*shape).requires_grad_(case.backward) for _ in range(3))
+    return _torch_step(case, attention, inputs, list(inputs), density)
+
+
+def _torch_module(case: Case, model: Any, density: float | None = None) -> Built:
+    """A step of the torch module ``model`` (moved to the case's device and dtype, eval mode) on ``(b, n, E)``."""
+    import torch
+
+    device = torch.device("cuda" if case.device == "gpu" else "cpu")
+    model = model.to(device=device, dtype=getattr(torch, case.dtype)).eval()
+    x = _torch_randn(case)(case.batch, case.seq_len, case.embed_dim)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _torch_step(case, lambda x: model(x, is_causal=case.causal), (x,), params, density)
+
+
+def torch_standard(case: Case) -> Built:
+    import torch_ref as tr
+
+    kw = _dilated_kw(case)
+    return _torch_qkv(case, lambda q, k, v: tr.dilated_attention(q, k, v, **kw))
+
+
+def torch_improved(case: Case) -> Built:
+    import torch_ref as tr
+
+    kw = _dilated_kw(case)
+    return _torch_qkv(case, lambda q, k, v: tr.improved_dilated_attention(q, k, v, **kw))
+
+
+def torch_ring(case: Case) -> Built:
+    """``ring_dilated_attention(group=None)``: one process, which runs the improved program."""
+    import torch_ref as tr
+
+    kw = _dilated_kw(case)
+    return _torch_qkv(case, lambda q, k, v: tr.ring_dilated_attention(q, k, v, group=None, **kw))
+
+
+def torch_block_sparse(case: Case) -> Built:
+    import torch_ref as tr
+
+    kw = _block_kw(case)
+    return _torch_qkv(case, lambda q, k, v: tr.block_sparse_attention(q, k, v, is_causal=case.causal, **kw),
+                      density=_density(tr.block_layout, case))
+
+
+def torch_multihead_standard(case: Case) -> Built:
+    import torch_ref as tr
+
+    return _torch_module(case, tr.MultiheadDilatedAttention(case.embed_dim, case.heads, case.segment_lengths,
+                                                            case.dilation_rates))
+
+
+def torch_multihead_improved(case: Case) -> Built:
+    import torch_ref as tr
+
+    return _torch_module(case, tr.ImprovedMultiheadDilatedAttention(case.embed_dim, case.heads, case.segment_lengths,
+                                                                    case.dilation_rates))
+
+
+def torch_block_sparse_multihead(case: Case) -> Built:
+    import torch_ref as tr
+
+    return _torch_module(case, tr.BlockSparseMultiheadDilatedAttention(case.embed_dim, case.heads, **_block_kw(case)),
+                         density=_density(tr.block_layout, case))
+
+
+def torch_dense(case: Case) -> Built:
+    import torch.nn.functional as F
+
+    return _torch_qkv(case, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal),
+                      layout="bhnd")
+
+
+def torch_matmul(case: Case) -> Built:
+    import torch
+
+    randn = _torch_randn(case)
+    a, b = randn(case.seq_len, case.seq_len), randn(case.seq_len, case.seq_len)
+    return _torch_step(case, torch.matmul, (a, b), [])
+
+
+# ----------------------------------------------------------------------------------------------
+# useful FLOPs per kind (see benchmarks.flops)
+
+
+def _dilated_flops(case: Case, _density: float | None) -> float:
+    return flops.dilated_flops(case.batch, case.seq_len, case.heads, case.head_dim, case.segment_lengths,
+                               case.dilation_rates, case.causal)
+
+
+def _block_sparse_flops(case: Case, density: float | None) -> float | None:
+    if density is None:
+        return None
+    return flops.block_sparse_flops(case.batch, case.seq_len, case.heads, case.head_dim, case.block_size, density,
+                                    case.causal)
+
+
+def _module(attention: Flops) -> Flops:
+    """FLOPs of a module: its attention (at head width E / h) plus the four projections."""
+    def count(case: Case, density: float | None) -> float | None:
+        inner = attention(dataclasses.replace(case, head_dim=case.embed_dim // case.heads), density)
+        return None if inner is None else inner + flops.projection_flops(case.batch, case.seq_len, case.embed_dim)
+    return count
+
+
+def _dense_flops(case: Case, _density: float | None) -> float:
+    return flops.dense_flops(case.batch, case.seq_len, case.heads, case.head_dim, case.causal)
+
+
+def _matmul_flops(case: Case, _density: float | None) -> float:
+    return flops.matmul_flops(case.seq_len)
+
+
+def _named(name: str) -> Callable[[Case], str]:
+    return lambda case: name
+
+
+def _ring_label(case: Case) -> str:
+    if case.devices == 1:
+        return "ring_v2_collective (1 device = improved)"
+    return f"ring_v2_collective ({case.devices} devices)"
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry
+
+_ALL = (
+    Variant("standard", _named("standard"), Kind.ATTENTION, jax_standard, torch_standard, _dilated_flops, seed=True),
+    Variant("improved", _named("improved"), Kind.ATTENTION, jax_improved, torch_improved, _dilated_flops, seed=True),
+    Variant("multihead_standard", _named("multihead_standard"), Kind.MODULE, jax_multihead_standard,
+            torch_multihead_standard, _module(_dilated_flops), seed=True),
+    Variant("multihead_improved", _named("multihead_improved"), Kind.MODULE, jax_multihead_improved,
+            torch_multihead_improved, _module(_dilated_flops), seed=True),
+    Variant("ring_v2_collective", _ring_label, Kind.ATTENTION, jax_ring, torch_ring, _dilated_flops, seed=True),
+    Variant("block_sparse", _named("block_sparse"), Kind.ATTENTION, jax_block_sparse, torch_block_sparse,
+            _block_sparse_flops, seed=True, block_sparse=True),
+    Variant("block_sparse_multihead", _named("block_sparse_multihead"), Kind.MODULE, jax_block_sparse_multihead,
+            torch_block_sparse_multihead, _module(_block_sparse_flops), seed=True, block_sparse=True),
+    Variant("dense", _named("dense (jax.nn.dot_product_attention / SDPA)"), Kind.BASELINE, jax_dense, torch_dense,
+            _dense_flops),
+    Variant("matmul", lambda case: f"matmul {case.seq_len}x{case.seq_len} (machine peak)", Kind.PEAK, jax_matmul,
+            torch_matmul, _matmul_flops),
+)
+
+#: Every variant by name, in report order.
+VARIANTS: dict[str, Variant] = {v.name: v for v in _ALL}
+#: The variants a report row can be about (``--variants``): everything but the peak matmul.
+REPORT_VARIANTS: tuple[str, ...] = tuple(name for name, v in VARIANTS.items() if v.kind is not Kind.PEAK)
+#: The seed table's seven variants, in its order.
+SEED_VARIANTS: tuple[str, ...] = tuple(name for name, v in VARIANTS.items() if v.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """A row family the report will hold once the library supports it (printed under "Planned rows")."""
+
+    name: str
+    measures: str
+    waits_for: str
+
+
+#: The place for later rows. To add one: give Case the field it needs, register its builders above
+#: (or a section in benchmarks.plan), and move the entry out of this list.
+PLANNED: tuple[Planned, ...] = (
+    Planned("gqa", "standard/improved with num_kv_heads < heads (grouped-query attention), n = 8192",
+            "a num_kv_heads argument in jax_dilated and torch_ref"),
+    Planned("odd_length", "standard/improved at n = 8191 (not a multiple of any segment length)",
+            "support for sequence lengths that segment lengths do not divide"),
+    Planned("decode", "decode tokens/s: one new query against a cached prefix",
+            "a key/value cache (incremental decoding) API"),
+)
+
+
+def label(case: Case) -> str:
+    """The row label of ``case``: what it measures."""
+    return VARIANTS[case.variant].describe(case)

@@ -1,11 +1,15 @@
-"""The shared benchmark (``python -m benchmarks``): FLOP formula, seed-table parsing, scheduling, and one
-tiny end-to-end run of the command line (fresh subprocess per case, ✓ and ✗ rows, every output file)."""
+"""The shared benchmark (``python -m benchmarks``): FLOP formulas, the variant registry, rows and
+statuses, failure kinds and scheduling, the report built from a whole default plan (fake
+measurements, no subprocess), and tiny end-to-end runs of the command line and of ring_scaling
+(fresh subprocess per case)."""
 
 from __future__ import annotations
 
+import ast
 import csv
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,19 +18,91 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks import cli, report, seed
-from benchmarks.case import FAILED, OK, Case, Measurement, make_row
-from benchmarks.flops import block_sparse_flops, dense_flops, dilated_flops, head_groups, useful_flops
-from benchmarks.report import FIELDS
+from benchmarks import cli, plan, report, ring_scaling, runner, seed
+from benchmarks.case import Case, FailureKind, Measurement, Status
+from benchmarks.flops import block_sparse_flops, dense_flops, dilated_flops, head_groups
+from benchmarks.rows import FIELDS, load_rows, make_row, normalise
 from benchmarks.runner import REPO_ROOT
+from benchmarks.variants import PLANNED, REPORT_VARIANTS, SEED_VARIANTS, VARIANTS, Kind, label
 
-REQUIRED_FIELDS = ["variant", "framework", "device", "dtype", "batch", "seq_len", "heads", "head_dim",
-                   "segment_lengths", "dilation_rates", "time_ms", "memory_mb", "throughput_tok_s", "gflops",
-                   "status", "error"]
+BENCH = REPO_ROOT / "benchmarks"
+STATUSES = {"ok", "failed"}
+FAILURES = {None, "error", "out_of_memory", "timeout", "killed", "skipped"}
 
 
 # ----------------------------------------------------------------------------------------------
-# FLOPs
+# structure: no import circle, a typed registry, no run-time name lookup
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("benchmarks"):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            out |= {n.split(".")[1] for n in names if n.count(".") >= 1}
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("benchmarks.")}
+    return out
+
+
+def test_no_import_circle_and_no_name_lookup():
+    modules = {p.stem for p in BENCH.glob("*.py")} - {"__init__", "__main__"}
+    graph = {m: _imports(BENCH / f"{m}.py") & modules - {m} for m in modules}
+    order, state = [], {}
+
+    def visit(m, path):
+        assert state.get(m) != "open", f"import circle: {' -> '.join(path + [m])}"
+        if state.get(m) == "done":
+            return
+        state[m] = "open"
+        for dep in sorted(graph[m]):
+            visit(dep, path + [m])
+        state[m] = "done"
+        order.append(m)
+
+    for m in sorted(modules):
+        visit(m, [])
+    assert graph["case"] == set() and graph["flops"] == set()  # the plain-data leaves
+    for m in ("cli", "plan", "runner", "variants"):  # variants are called, never looked up by name at run time
+        text = (BENCH / f"{m}.py").read_text(encoding="utf-8")
+        assert "importlib" not in text and "getattr(package" not in text, m
+
+
+def test_the_path_to_the_kernel_is_four_files():
+    # __main__ -> cli -> runner -> variants -> jax_dilated / torch_ref
+    assert "from benchmarks.cli import main" in (BENCH / "__main__.py").read_text()
+    assert {"runner"} <= _imports(BENCH / "cli.py")
+    assert {"variants"} <= _imports(BENCH / "runner.py")
+    text = (BENCH / "variants.py").read_text()
+    assert "import jax_dilated as jd" in text and "import torch_ref as tr" in text
+
+
+def test_importing_the_benchmark_imports_no_framework():
+    code = ("import sys, benchmarks.cli, benchmarks.report, benchmarks.ring_scaling\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'torch', 'jax_dilated', 'torch_ref'))\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)
+
+
+def test_registry_covers_every_variant():
+    assert set(REPORT_VARIANTS) | {"matmul"} == set(VARIANTS)
+    assert SEED_VARIANTS == ("standard", "improved", "multihead_standard", "multihead_improved",
+                             "ring_v2_collective", "block_sparse", "block_sparse_multihead")
+    for name, v in VARIANTS.items():
+        assert v.name == name and isinstance(v.kind, Kind)
+        for builder, package in ((v.build_jax, "jax"), (v.build_torch, "torch")):
+            assert callable(builder) and builder.__module__ == "benchmarks.variants", (name, package)
+        assert isinstance(label(Case(name, "jax")), str)
+    assert label(Case("ring_v2_collective", "jax")) == "ring_v2_collective (1 device = improved)"
+    assert label(Case("ring_v2_collective", "jax", devices=4)) == "ring_v2_collective (4 devices)"
+    assert {p.name for p in PLANNED} == {"gqa", "odd_length", "decode"}
+    # every CLI choice is a registered report variant
+    assert cli.parse_args([]).variants == REPORT_VARIANTS
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs and rows
 
 
 def test_flops_by_hand():
@@ -45,14 +121,16 @@ def test_flops_by_hand():
 def test_useful_flops_of_cases():
     base = Case("standard", "jax", batch=2, seq_len=8, heads=3, head_dim=4, embed_dim=12, segment_lengths=(4, 8),
                 dilation_rates=(1, 2))
-    assert useful_flops(base) == 2560
-    assert useful_flops(dataclasses.replace(base, backward=True)) == 3 * 2560
-    assert useful_flops(dataclasses.replace(base, variant="dense")) == 6144
+    flops = lambda case, density=None: VARIANTS[case.variant].useful_flops(case, density)
+    assert flops(base) == 2560
+    assert flops(dataclasses.replace(base, backward=True)) == 3 * 2560
+    assert flops(dataclasses.replace(base, variant="dense")) == 6144
     # modules: attention with head_dim = E / h, plus four E x E projections (8 b n E^2).
-    assert useful_flops(dataclasses.replace(base, variant="multihead_improved")) == 2560 + 8 * 2 * 8 * 144
+    assert flops(dataclasses.replace(base, variant="multihead_improved")) == 2560 + 8 * 2 * 8 * 144
     bs = dataclasses.replace(base, variant="block_sparse", block_size=2, heads=2, batch=1)
-    assert useful_flops(bs) is None  # unknown without the realised density
-    assert useful_flops(bs, density=0.5) == 1024
+    assert flops(bs) is None  # unknown without the realised density
+    assert flops(bs, density=0.5) == 1024
+    assert flops(Case("matmul", "torch", seq_len=64)) == 2 * 64**3
 
 
 @settings(max_examples=15, deadline=None)
@@ -65,14 +143,32 @@ def test_one_dense_group_is_dense_attention(b, h, d, n, causal):
     assert block_sparse_flops(b, n, h, d, 16, 1.0) == dense_flops(b, n, h, d)
 
 
-def test_row_derived_fields():
-    case = Case("dense", "torch", batch=2, seq_len=8, heads=3, head_dim=4)
-    row = make_row(case, Measurement(OK, time_ms=2.0, memory_mb=1.5))
-    assert row["throughput_tok_s"] == pytest.approx(2 * 8 / 2e-3)
-    assert row["gflops"] == pytest.approx(6144 / 2e-3 / 1e9)
-    failed = make_row(case, Measurement.failure("boom"))
-    assert failed["status"] == FAILED and failed["time_ms"] is None and failed["gflops"] is None
-    assert set(REQUIRED_FIELDS) <= set(row) and list(row) == FIELDS
+def test_rows_hold_plain_status_strings():
+    case = Case("dense", "torch", batch=2, seq_len=8, heads=3, head_dim=4, causal=True, backward=True)
+    row = make_row(case, Measurement(Status.OK, times_ms=[3.0, 2.0, 2.5], time_ms=2.5, memory_mb=1.5), "main")
+    assert row["status"] == "ok" and type(row["status"]) is str and row["failure"] is None
+    assert row["times_ms"] == [3.0, 2.0, 2.5] and row["repeats"] == 3 and row["mode"] == "causal forward+backward"
+    assert row["throughput_tok_s"] == pytest.approx(2 * 8 / 2.5e-3)
+    assert row["gflops"] == pytest.approx(3 * 6144 / 2 / 2.5e-3 / 1e9)
+    failed = make_row(case, Measurement.failed(FailureKind.TIMEOUT, "timeout after 5 s"), "main")
+    assert (failed["status"], failed["failure"]) == ("failed", "timeout") and failed["time_ms"] is None
+    assert list(row) == list(FIELDS) == list(failed)
+    json.dumps([row, failed])  # plain JSON, no enum objects
+    m = Measurement.failed(FailureKind.OUT_OF_MEMORY, "x")
+    back = Measurement.from_json(m.to_json())
+    assert back == m and back.failure is FailureKind.OUT_OF_MEMORY
+
+
+def test_legacy_results_are_normalised():
+    # results.json files written before the Status enum stored the seed table's glyphs.
+    old = {"variant": "ring_v2_collective", "framework": "jax", "seq_len": 4096, "status": "✓", "time_ms": 1.0}
+    row = normalise(old)
+    assert row["status"] == "ok" and row["label"].endswith("(1 device = improved)") and row["mode"] == "forward"
+    assert normalise(dict(old, status="✗"))["status"] == "failed"
+    assert set(row) >= set(FIELDS)
+    committed = load_rows(BENCH / "results" / "cpu" / "results.json")
+    assert committed and {r["status"] for r in committed} <= STATUSES
+    assert report.is_ok(committed[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,15 +192,15 @@ def test_parse_seed_table():
     table = seed.parse_seed_table(SEED_TEXT)
     assert seed.seed_device(table) == "CUDA GPU"
     assert table.rows == (
-        seed.SeedRow("standard", 2, 4096, 8, 22.68, 173.04, 361176.0, "✓"),
-        seed.SeedRow("ring", 2, 8192, 8, None, None, None, "✗"),
+        seed.SeedRow("standard", 2, 4096, 8, 22.68, 173.04, 361176.0, Status.OK),
+        seed.SeedRow("ring", 2, 8192, 8, None, None, None, Status.FAILED),
     )
 
 
 def test_seed_file_and_cases():
     table = seed.load_seed_table()
     assert table is not None, f"no seed table under {seed.SEED_DIR}"
-    assert {r.variant for r in table.rows} == set(seed.SEED_VARIANTS)
+    assert {r.variant for r in table.rows} == set(SEED_VARIANTS)
     cases = seed.seed_cases(Case("standard", "jax"), ("standard", "dense"), ("torch",))
     assert [(c.variant, c.framework, c.seq_len, c.segment_lengths, c.dilation_rates) for c in cases] == [
         ("standard", "torch", 4096, (4096,), (1,)), ("standard", "torch", 8192, (8192,), (1,))]
@@ -112,104 +208,213 @@ def test_seed_file_and_cases():
         (1024, 2048, 4096)] * 2
 
 
-def test_seed_comparison_and_ratio_tables(tmp_path: Path):
-    table = seed.parse_seed_table(SEED_TEXT, Path("seed-benchmark-x.txt"))
-    jax_case = Case("standard", "jax", seq_len=4096, segment_lengths=(4096,), dilation_rates=(1,))
-    rows = [make_row(jax_case, Measurement(OK, time_ms=10.0, memory_mb=100.0, device_name="cpu: X"), "seed"),
-            make_row(dataclasses.replace(jax_case, framework="torch"), Measurement(OK, time_ms=5.0, memory_mb=50.0),
-                     "seed")]
-    text = report.seed_comparison_table(table, rows)
-    assert "22.68" in text and "10.00" in text and "5.00" in text
-    assert report.ratio_rows(rows) == [dict(variant="standard", seq_len=4096, jax_ms=10.0, torch_ms=5.0,
-                                            time_ratio=2.0, jax_mb=100.0, torch_mb=50.0, memory_ratio=2.0)]
-    note = report.hardware_note(table, rows)
-    assert "Different hardware" in note and "CUDA GPU" in note and "cpu: X" in note
-    md = report.write_report(rows, tmp_path, "python -m benchmarks", {}, table).read_text(encoding="utf-8")
-    assert "## Seed comparison" in md and "22.68" in md and "CUDA GPU" in md
-
-
 # ----------------------------------------------------------------------------------------------
-# scheduling (no subprocess)
+# failures and scheduling (no subprocess)
 
 
-def test_scheduler_skips_known_failures(monkeypatch):
+def test_failure_kinds():
+    assert runner.classify_exception(ValueError("n=192 is not divisible")).failure is FailureKind.ERROR
+    assert runner.classify_exception(MemoryError()).failure is FailureKind.OUT_OF_MEMORY
+    assert runner.classify_exception(RuntimeError("RESOURCE_EXHAUSTED: x")).failure is FailureKind.OUT_OF_MEMORY
+    assert runner.describe_crash(-9, "").failure is FailureKind.KILLED
+    assert runner.describe_crash(-11, "").failure is FailureKind.KILLED
+    assert runner.describe_crash(1, "ImportError: x").failure is FailureKind.ERROR
+
+
+def test_worker_turns_an_exception_into_a_failed_result(tmp_path):
+    bad = Case("improved", "torch", seq_len=192, batch=1, heads=2, head_dim=8, segment_lengths=(64, 128),
+               dilation_rates=(1, 2), repeats=1)
+    runner._worker_main(bad.to_json(), str(tmp_path / "r.json"))
+    m = Measurement.from_json((tmp_path / "r.json").read_text())
+    assert m.status is Status.FAILED and m.failure is FailureKind.ERROR and "192" in m.error
+
+
+def test_scheduler_skips_what_grows_worse():
     calls = []
 
-    def fake_run_case(case, timeout):
-        calls.append(case)
-        if case.variant == "ring_v2_collective":
-            return Measurement.failure("not implemented yet: torch_ref.ring_dilated_attention does not exist")
-        if case.seq_len >= 8192:
-            return Measurement.failure(f"timeout after {timeout:g} s")
-        return Measurement(OK, time_ms=1.0, memory_mb=1.0)
+    def fake(case, timeout):
+        calls.append((case.variant, case.seq_len))
+        if case.variant == "dense" and case.seq_len >= 8192:
+            return Measurement.failed(FailureKind.TIMEOUT, f"timeout after {timeout:g} s")
+        if case.variant == "standard" and case.seq_len >= 8192:
+            return Measurement.failed(FailureKind.OUT_OF_MEMORY, "out of memory")
+        if case.variant == "improved":
+            return Measurement.failed(FailureKind.ERROR, "ValueError")
+        return Measurement(Status.OK, times_ms=[1.0], time_ms=1.0, memory_mb=1.0)
 
-    monkeypatch.setattr(cli, "run_case", fake_run_case)
-    args = cli.parse_args(["--variants", "dense,ring_v2_collective", "--frameworks", "torch",
-                           "--seq-lens", "16384,4096,8192", "--no-seed-comparison"])
-    cases = cli.main_cases(args)
-    assert [c.seq_len for c in cases] == [4096, 8192, 16384] * 2  # n increasing
-    rows = cli.run_all({"main": cases, "again": cases[:1]}, timeout=5)
-    assert [(c.variant, c.seq_len) for c in calls] == [("dense", 4096), ("dense", 8192), ("ring_v2_collective", 4096)]
-    status = [(r["section"], r["status"], r["error"].split(":")[0]) for r in rows]
-    assert status == [("main", OK, ""), ("main", FAILED, "timeout after 5 s"),
-                      ("main", FAILED, "skipped"), ("main", FAILED, "not implemented yet"),
-                      ("main", FAILED, "not implemented yet"), ("main", FAILED, "not implemented yet"),
-                      ("again", OK, "")]
+    cases = plan.main_cases(Case("dense", "torch"), ("dense", "standard", "improved"), ("torch",), (16384, 4096, 8192))
+    assert [c.seq_len for c in cases] == [4096, 8192, 16384] * 3  # n increasing
+    done = runner.Scheduler(5, fake)
+    kinds = [done.run(c).failure for c in cases + cases[:1]]
+    assert calls == [("dense", 4096), ("dense", 8192), ("standard", 4096), ("standard", 8192),
+                     ("improved", 4096), ("improved", 8192), ("improved", 16384)]  # errors are retried
+    assert kinds == [None, "timeout", "skipped", None, "out_of_memory", "skipped", "error", "error", "error", None]
 
 
-def test_cli_rejects_bad_options():
+def test_cli_options_and_sections():
     with pytest.raises(SystemExit):
         cli.parse_args(["--variants", "standard,nope"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--variants", "matmul"])  # the peak is not a report variant
     with pytest.raises(SystemExit):
         cli.parse_args(["--segment-lengths", "64,128", "--dilation-rates", "1"])
     with pytest.raises(SystemExit):
         cli.parse_args(["--seq-lens", "0"])
 
+    default = cli.parse_args(["--repeats", "5", "--out", "/tmp/x"])  # not case options: still the default report
+    assert default.custom == [] and default.modes and default.seed_comparison
+    custom = cli.parse_args(["--variants", "improved", "--seq-lens", "256"])
+    assert custom.custom == ["variants", "seq_lens"] and not custom.modes and not custom.seed_comparison
+    asked = cli.parse_args(["--variants", "improved", "--seed-comparison", "--modes"])
+    assert asked.modes and asked.seed_comparison
+    assert not cli.parse_args(["--no-seed-comparison", "--no-modes"]).seed_comparison
+
+    table = seed.load_seed_table()
+    assert list(cli.sections(custom, table)) == [plan.MAIN, plan.PEAK]  # no silent seed rerun in a small run
+    assert "custom run (variants, seq_lens)" in cli.seed_note(custom, table)
+    parts = cli.sections(default, table)
+    assert list(parts) == [plan.MAIN, plan.MODES, plan.PEAK, plan.SEED, plan.SEED_DILATED]
+    modes = parts[plan.MODES]
+    assert len(modes) == 2 * 2 * 4 and {c.seq_len for c in modes} == {8192}
+    assert {c.mode for c in modes} == set(report.MODE_NAMES)
+    assert {c.variant for c in modes} == {"standard", "improved"}
+    new = set(modes) - set(parts[plan.MAIN])
+    assert len(new) == 12  # the forward rows at 8192 are main rows, measured once
+    assert [(c.variant, c.framework, c.seq_len) for c in parts[plan.PEAK]] == [("matmul", "jax", 4096),
+                                                                               ("matmul", "torch", 4096)]
+    first = {}
+    for name, cases in parts.items():
+        for c in cases:
+            first.setdefault(c, name)
+    describe = cli.progress_label(first)
+    seed_case = parts[plan.SEED][0]
+    assert describe(seed_case).startswith("seed comparison (seed's dense config): ")
+    assert describe(next(c for c in new if c.causal and c.backward)).endswith("causal forward+backward")
+
 
 # ----------------------------------------------------------------------------------------------
-# end to end
+# the whole default report from fake measurements (in process, no subprocess)
+
+BASE_MS = {"standard": 400.0, "improved": 200.0, "multihead_standard": 600.0, "multihead_improved": 450.0,
+           "ring_v2_collective": 210.0, "block_sparse": 300.0, "block_sparse_multihead": 500.0, "dense": 2000.0,
+           "matmul": 1000.0}
 
 
-def _run_cli(out: Path, *options: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "benchmarks", "--segment-lengths", "64,128", "--dilation-rates", "1,2",
-           "--heads", "2", "--head-dim", "8", "--repeats", "1", "--no-seed-comparison", "--timeout", "60",
-           "--out", str(out), *options]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc
+def fake_measure(case: Case, timeout: float) -> Measurement:
+    """Deterministic measurements: torch takes twice JAX's time, causal 0.6x, backward 3x; dense torch
+    runs out of memory at 8192, the JAX ring case at 8192 times out."""
+    if case.variant == "dense" and case.framework == "torch" and case.seq_len == 8192:
+        return Measurement.failed(FailureKind.OUT_OF_MEMORY, "out of memory: fake")
+    if case.variant == "ring_v2_collective" and case.framework == "jax" and case.seq_len == 8192:
+        return Measurement.failed(FailureKind.TIMEOUT, f"timeout after {timeout:g} s")
+    t = BASE_MS[case.variant] * (2 if case.framework == "torch" else 1) * (0.6 if case.causal else 1)
+    t *= (3 if case.backward else 1) * (case.seq_len / 4096 if case.variant != "matmul" else 1)
+    times = [t * 0.95, t, t * 1.05][:case.repeats]
+    return Measurement(Status.OK, times_ms=times, time_ms=t, memory_mb=t / 10, device_name="cpu: fake",
+                       density=0.125 if VARIANTS[case.variant].block_sparse else None, software=f"{case.framework} 0")
+
+
+def _table_row(text: str, *cells: str) -> bool:
+    """True when a markdown table row of ``text`` starts with ``cells`` (regular expressions)."""
+    pattern = r"^\|" + r"\|".join(rf"\s*{c}\s*" for c in cells) + r"\|"
+    return re.search(pattern, text, flags=re.M) is not None
+
+
+def test_default_report_from_fake_measurements(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "run_cases", lambda cases, timeout, describe: runner.run_cases(
+        cases, timeout, describe, run=fake_measure))
+    assert cli.main(["--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert {r["status"] for r in rows} == STATUSES and {r["failure"] for r in rows} <= FAILURES
+    assert {r["section"] for r in rows} == {"main", "modes", "peak", "seed", "seed_dilated"}
+    assert len([r for r in rows if r["section"] == "modes"]) == 16
+
+    md = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
+    headings = re.findall(r"^## (.+)$", md, flags=re.M)
+    assert headings[0] == "Headline: which framework is faster"
+    assert headings[1:] == ["All main rows: jax", "All main rows: torch", "JAX vs torch",
+                            "Modes: causal and backward at n = 8192", "Machine peak", "Plots", "Seed comparison",
+                            "Planned rows", "Method"]
+    headline = md.split("## All main rows")[0]
+    # every variant, JAX twice as fast; dense only at 4096 (torch OOM at 8192); ring only 4096 (JAX timeout).
+    assert _table_row(headline, "improved", "8192", "jax", "2.00x", r"400\.0 \(380\.0-420\.0\)")  # median, min-max
+    assert _table_row(headline, r"dense \(jax.nn.dot_product_attention / SDPA\)", "4096", "jax", "2.00x")
+    assert _table_row(headline, r"ring_v2_collective \(1 device = improved\)", "4096", "jax", "2.00x")
+    assert "JAX is faster for 8, torch for 0" in headline
+    modes = md.split("### Time per mode")[1].split("## Machine peak")[0]
+    # 200 ms * 2 (n = 8192) * 0.6 (causal) * 3 (backward) = 720 ms in JAX, twice that in torch
+    assert _table_row(modes, "improved", "causal forward\\+backward", r"720\.0 \(684\.0-756\.0\)",
+                      r"1440\.0 \(1368\.0-1512\.0\)", r"0\.50")
+    assert _table_row(modes, "forward", r"0\.50", r"0\.50")  # improved / standard, both frameworks
+    assert _table_row(modes, "improved", "jax", r"0\.60", r"0\.60", r"3\.00")  # causal / non-causal, backward cost
+    assert modes.count("| 0.50 ") >= 8  # JAX / torch in every mode
+    assert "✗ out_of_memory: out of memory: fake" in md and "✗ skipped" not in md.split("## Seed")[0]
+    assert "✗ timeout: timeout after 120 s" in md
+    assert "(1 device = improved)" in md.split("## Seed comparison")[1]
+    for p in PLANNED:
+        assert f"| {p.name} " in md
+    for name in report.PLOTS.values():
+        assert (tmp_path / name).stat().st_size > 5000, name
+        assert f"({name})" in md
+    out = capsys.readouterr()
+    assert "Headline: which framework is faster" in out.out and "seed comparison (seed's dense config)" in out.err
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end (subprocesses)
 
 
 @pytest.mark.slow
 def test_cli_tiny_run(tmp_path: Path):
-    # 192 is not a multiple of the segment 128: those cases fail in their subprocesses and the run goes
-    # on to n = 256, which is measured in both frameworks.
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "benchmarks", "--variants", "improved", "--frameworks", "jax,torch",
-           "--seq-lens", "192,256", "--segment-lengths", "64,128", "--dilation-rates", "1,2", "--heads", "2",
-           "--head-dim", "8", "--repeats", "1", "--no-seed-comparison", "--timeout", "60", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Throughput (tok/s)" in proc.stdout and "Time JAX/torch" in proc.stdout and "✗ ValueError" in proc.stdout
+           "--seq-lens", "256", "--segment-lengths", "64,128", "--dilation-rates", "1,2", "--batch", "1",
+           "--heads", "2", "--head-dim", "8", "--repeats", "2", "--modes", "--mode-seq-len", "256",
+           "--peak-size", "128", "--timeout", "120", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Headline: which framework is faster" in proc.stdout and "Time JAX/torch" in proc.stdout
+    assert "Seed comparison not run (custom run" in proc.stdout and "seed comparison" not in proc.stderr
 
     rows = json.loads((out / "results.json").read_text())
-    assert sorted((r["framework"], r["seq_len"]) for r in rows) == [
-        ("jax", 192), ("jax", 256), ("torch", 192), ("torch", 256)]
+    assert {r["status"] for r in rows} == {"ok"}, [(r["label"], r["error"]) for r in rows if r["status"] != "ok"]
+    assert sorted((r["section"], r["framework"], r["mode"]) for r in rows if r["section"] != "modes") == [
+        ("main", "jax", "forward"), ("main", "torch", "forward"), ("peak", "jax", "forward"),
+        ("peak", "torch", "forward")]
+    assert sorted((r["framework"], r["mode"]) for r in rows if r["section"] == "modes") == sorted(
+        (fw, m) for fw in ("jax", "torch") for m in report.MODE_NAMES)
     for row in rows:
-        assert set(REQUIRED_FIELDS) <= set(row)
-        assert row["segment_lengths"] == [64, 128] and row["dilation_rates"] == [1, 2]
-        if row["seq_len"] == 256:
-            assert row["status"] == OK, row["error"]
-            assert row["time_ms"] > 0 and row["memory_mb"] >= 0 and row["gflops"] > 0
-            assert row["throughput_tok_s"] == pytest.approx(2 * 256 / (row["time_ms"] / 1e3))
-        else:
-            assert row["status"] == FAILED and "divisible" in row["error"] and row["time_ms"] is None
-
+        assert set(FIELDS) <= set(row) and row["failure"] is None
+        assert len(row["times_ms"]) == 2 and min(row["times_ms"]) <= row["time_ms"] <= max(row["times_ms"])
+        assert row["gflops"] > 0 and row["memory_mb"] >= 0
+        if row["variant"] == "improved":
+            assert row["segment_lengths"] == [64, 128] and row["seq_len"] == 256
+            assert row["throughput_tok_s"] == pytest.approx(256 / (row["time_ms"] / 1e3))
+        if row["framework"] == "jax":
+            assert row["xla_device_mb"] > 0 and row["collectives"] == 0
     with (out / "results.csv").open(newline="", encoding="utf-8") as f:
-        csv_rows = list(csv.DictReader(f))
-    assert len(csv_rows) == len(rows) and set(REQUIRED_FIELDS) <= set(csv_rows[0])
+        assert len(list(csv.DictReader(f))) == len(rows)
 
-    report = (out / "REPORT.md").read_text(encoding="utf-8")
-    for name in ("time_vs_seq_len.png", "memory_vs_seq_len.png", "dilated_vs_dense.png"):
-        assert (out / name).stat().st_size > 1000
-        assert f"({name})" in report
-    assert "## JAX vs torch" in report and "## Method" in report and "--no-seed-comparison" in report
+    md = (out / "REPORT.md").read_text(encoding="utf-8")
+    assert md.index("## Headline") < md.index("## All main rows") and "| improved " in md.split("## All")[0]
+    assert "### Time per mode" in md and "causal forward+backward" in md and "## Machine peak" in md
+    for name in ("time_vs_seq_len.png", "memory_vs_seq_len.png", "gflops.png", "modes.png"):
+        assert (out / name).stat().st_size > 5000 and f"({name})" in md
+    assert not (out / "dilated_vs_dense.png").exists()  # no dense baseline in this run, so no "vs dense" plot
+
+
+@pytest.mark.slow
+def test_ring_scaling_through_the_runner(tmp_path: Path):
+    # one group spans both devices at P = 2 (segment 256 = n), so the sharded program passes key/value blocks.
+    config = ring_scaling.Config("tiny", 256, (64, 256), (1, 4), (1, 2))
+    base = Case("ring_v2_collective", "jax", batch=1, heads=2, head_dim=8, repeats=2)
+    rows = ring_scaling.run([config], base, timeout=120)
+    assert [(r["section"], r["variant"], r["devices"], r["status"]) for r in rows] == [
+        ("ring_scaling", "ring_v2_collective", 1, "ok"), ("ring_scaling", "ring_v2_collective", 2, "ok"),
+        ("ring_scaling_improved", "improved", 1, "ok")], [r["error"] for r in rows]
+    one, two, improved = rows
+    assert one["collectives"] == 0 and two["collectives"] > 0 and two["comm_mb"] > 0
+    assert two["xla_device_mb"] < one["xla_device_mb"]  # each device holds half the sequence
+    assert two["label"] == "ring_v2_collective (2 devices)"
+    text = ring_scaling.markdown(rows)
+    assert "| tiny " in text and "ring / improved" in text and "collective-permute" in text
