@@ -1,6 +1,7 @@
 """Block-sparse layouts (docs/semantics.md section 5): which key blocks each query block keeps.
 
-The sequence is cut into ``nb = n / block_size`` blocks. Every query block keeps a budget of
+The sequence is cut into ``nb = ceil(n / block_size)`` blocks (the last one shorter when ``n`` is not a
+multiple of the block size). Every query block keeps a budget of
 ``k = max(1, nb - floor(sparsity_ratio * nb))`` key blocks, chosen by a pattern's ordering of the
 candidate key blocks. Both frameworks gather the kept key/value blocks from the same tables.
 """
@@ -41,15 +42,6 @@ def check_block_options(block_size: Any, pattern: Any, sparsity_ratio: Any, glob
         raise ValueError(
             f"global_blocks={global_blocks!r} must be an integer >= 0 (the number of leading key blocks "
             f"every query block sees first under pattern='global_local')."
-        )
-
-
-def check_block_sequence(n: int, block_size: int) -> None:
-    """Raise ValueError unless ``block_size`` divides the sequence length ``n``."""
-    if n % block_size:
-        raise ValueError(
-            f"sequence length {n} is not divisible by block_size {block_size}; pad the sequence to a "
-            f"multiple of {block_size} or choose a block_size that divides {n}."
         )
 
 
@@ -94,6 +86,9 @@ def block_layout(
 ) -> np.ndarray:
     """The ``(nb, nb)`` boolean block layout: ``layout[i, j]`` iff query block ``i`` keeps key block ``j``.
 
+    ``nb = ceil(n / block_size)``: a sequence that is not a multiple of the block size has a shorter
+    last block.
+
     Every row keeps ``min(k, #candidates)`` blocks, ``k = max(1, nb - floor(sparsity_ratio * nb))``;
     with ``is_causal`` the candidates of row ``i`` are ``j <= i``. Patterns order the candidates:
     ``local_window`` nearest first (smaller ``j`` on ties); ``dilated_sparse`` ``i``, then
@@ -109,9 +104,8 @@ def block_layout(
     check_block_options(block_size, pattern, sparsity_ratio, global_blocks)
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n={n!r} must be a sequence length, an integer >= 0.")
-    check_block_sequence(int(n), int(block_size))
     return _layout(
-        int(n) // int(block_size), pattern, float(sparsity_ratio), int(global_blocks), bool(is_causal)
+        -(-int(n) // int(block_size)), pattern, float(sparsity_ratio), int(global_blocks), bool(is_causal)
     ).copy()
 
 

@@ -47,9 +47,10 @@ def check_lcm(values: tuple[int, ...]) -> int:
 
 
 def check_qkv(q: Any, k: Any, v: Any, is_floating) -> None:
-    """Raise unless q, k, v are 4-D ``(b, n, h, d)`` arrays of one shape and one floating dtype.
+    """Raise unless q ``(b, n, h, d)`` and k, v ``(b, n, h_kv, d)`` are 4-D arrays of one floating dtype.
 
-    ``is_floating(x)`` is the framework's dtype predicate.
+    ``h`` must be a multiple of ``h_kv`` (grouped-query attention; ``h_kv = h`` is ordinary
+    multi-head attention). ``is_floating(x)`` is the framework's dtype predicate.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
@@ -59,10 +60,20 @@ def check_qkv(q: Any, k: Any, v: Any, is_floating) -> None:
             )
         if not is_floating(x):
             raise TypeError(f"{name} has dtype {x.dtype}; pass a floating dtype (float32, float64, bfloat16, float16).")
-    if not (tuple(q.shape) == tuple(k.shape) == tuple(v.shape)):
+    if tuple(k.shape) != tuple(v.shape) or tuple(q.shape[:2]) + (q.shape[3],) != tuple(k.shape[:2]) + (k.shape[3],):
         raise ValueError(
             f"q, k, v have shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}; they must be equal "
-            f"(batch, seq, heads, head_dim)."
+            f"(batch, seq, heads, head_dim), except that k and v may have fewer heads than q (grouped-query "
+            f"attention)."
+        )
+    h, h_kv = q.shape[2], k.shape[2]
+    if h_kv == 0 and h == 0:
+        pass
+    elif h_kv == 0 or h % h_kv:
+        raise ValueError(
+            f"q has h={h} heads and k, v have h_kv={h_kv}; grouped-query attention needs h to be a multiple of "
+            f"h_kv (each key/value head serves h / h_kv query heads): use h_kv in "
+            f"{[c for c in range(1, h + 1) if h % c == 0]}."
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype.")
@@ -124,3 +135,16 @@ def default_key_value(query: Any, key: Any, value: Any) -> tuple[Any, Any]:
             )
         key = query
     return key, key if value is None else value
+
+
+def check_document_ids(ids: Any, batch: int, n: int, is_integer) -> None:
+    """Raise unless ``ids`` is None or an integer ``(batch, n)`` array (one document id per position)."""
+    if ids is None:
+        return
+    if tuple(ids.shape) != (batch, n):
+        raise ValueError(
+            f"document_ids has shape {tuple(ids.shape)}; expected (batch, seq) = ({batch}, {n}), one integer "
+            f"per position (a document is a maximal run of equal ids)."
+        )
+    if not is_integer(ids):
+        raise TypeError(f"document_ids has dtype {ids.dtype}; pass integers (e.g. int32), one id per position.")

@@ -167,3 +167,78 @@ class ModuleOptions:
 def default_scale(head_dim: int, scale: Any) -> float:
     """``scale`` if given, else ``1 / sqrt(head_dim)``."""
     return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class KvBucket:
+    """Query heads of a branch that share key/value heads in equal numbers: one kernel call.
+
+    Attributes:
+      query_heads: the bucket's query heads, grouped by key/value head (kv-major: the ``g`` query heads
+        of ``kv_heads[0]``, then those of ``kv_heads[1]``, ...).
+      kv_heads: the distinct key/value heads they use, increasing.
+    """
+
+    query_heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head in this bucket."""
+        return len(self.query_heads) // len(self.kv_heads)
+
+
+def kv_buckets(heads: Sequence[int], group: int) -> tuple[KvBucket, ...]:
+    """Split a branch's query ``heads`` by key/value head (query head ``j`` uses kv head ``j // group``).
+
+    Key/value heads that serve the same number of the branch's query heads form one bucket, so each
+    bucket is one grouped-query kernel call over distinct key/value heads: k and v are never repeated.
+    A head-partition group that splits a key/value head's query heads gives up to three buckets.
+
+    >>> [(b.query_heads, b.kv_heads) for b in kv_buckets((3, 4, 5), group=4)]
+    [((3,), (0,)), ((4, 5), (1,))]
+    >>> [(b.query_heads, b.kv_heads) for b in kv_buckets((0, 2, 4, 6), group=4)]
+    [((0, 2, 4, 6), (0, 1))]
+    """
+    by_kv: dict[int, list[int]] = {}
+    for j in heads:
+        by_kv.setdefault(j // group, []).append(j)
+    by_size: dict[int, list[int]] = {}
+    for kv, queries in by_kv.items():
+        by_size.setdefault(len(queries), []).append(kv)
+    return tuple(KvBucket(tuple(j for kv in kvs for j in by_kv[kv]), tuple(kvs)) for _, kvs in sorted(by_size.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A run of whole segments of a branch: positions ``[start, start + length)`` of the sequence.
+
+    ``branch`` is the branch with the segment length the piece is cut into: the branch's own for the
+    whole segments, the last (shorter) segment's length rounded up to a multiple of the rate for the
+    rest of a sequence that is not a multiple of the segment length. ``padded`` is the piece's length
+    after that rounding (the extra positions do not exist: masked as keys, dropped as queries).
+    """
+
+    start: int
+    length: int
+    branch: Branch
+
+    @property
+    def padded(self) -> int:
+        return -(-self.length // self.branch.segment) * self.branch.segment
+
+
+def branch_pieces(n: int, br: Branch) -> tuple[Piece, ...]:
+    """The whole segments of ``br`` in ``[0, n)``, then the shorter last segment (the any-length rule).
+
+    >>> [(p.start, p.length, p.branch.segment, p.padded) for p in branch_pieces(10, Branch(0, 4, 2, 1, (0,)))]
+    [(0, 8, 4, 8), (8, 2, 2, 2)]
+    >>> [(p.start, p.length, p.branch.segment, p.padded) for p in branch_pieces(7, Branch(0, 8, 4, 0, (0,)))]
+    [(0, 7, 8, 8)]
+    """
+    full, rest = divmod(n, br.segment)
+    pieces = [Piece(0, full * br.segment, br)] if full else []
+    if rest:
+        last = -(-rest // br.rate) * br.rate
+        pieces.append(Piece(full * br.segment, rest, dataclasses.replace(br, segment=last)))
+    return tuple(pieces)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from dilated_plan import block_layout, block_tables, check_block_options, default_scale
-from dilated_plan.blocks import check_block_sequence, chunk_blocks
+from dilated_plan.blocks import chunk_blocks
 from jax_dilated.branches import merge_lse
 from jax_dilated.checks import check_dropout, check_key_padding_mask, check_qkv
 from jax_dilated.kernels import Backend, attend, resolve
@@ -59,16 +59,22 @@ def _block_sparse(
     backend,
 ):
     b, n, h, d = q.shape
+    hk = k.shape[2]
     if n == 0:
         return jnp.zeros_like(q)
     scale = default_scale(d, scale)
-    nb, bs = n // block_size, block_size
+    bs = block_size
+    nb = -(-n // bs)  # any n: the last block is shorter (its missing positions are masked keys)
+    extra = nb * bs - n
     tables = block_tables(nb, pattern, sparsity_ratio, global_blocks, is_causal)
     index, valid, diagonal, width = tables.index, tables.valid, tables.diagonal, tables.width
     c = chunk_blocks(nb, b * h * bs * bs * (width + int(is_causal)), _CHUNK_SCORES)
     steps = nb // c
-    qb, kb, vb = (x.reshape(b, nb, bs, h, d) for x in (q, k, v))
-    visible = (jnp.ones((b, n), bool) if key_padding_mask is None else ~key_padding_mask).reshape(b, nb, bs)
+    pad = lambda x, fill=0: jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    qb = pad(q).reshape(b, nb, bs, h, d)
+    kb, vb = (pad(x).reshape(b, nb, bs, hk, d) for x in (k, v))
+    visible = pad(jnp.ones((b, n), bool) if key_padding_mask is None else ~key_padding_mask, False)
+    visible = visible.reshape(b, nb, bs)
     xs = (
         jnp.arange(steps),
         jnp.asarray(index.reshape(steps, c, width)),
@@ -97,7 +103,7 @@ def _block_sparse(
         if is_causal:  # the diagonal block, element-wise causal
             kv_valid = (own(visible) & diag[None, :, None]).reshape(b * c, bs)
             key = None if rng is None else jax.random.fold_in(rng, 1)
-            kd, vd = own(kb).reshape(b * c, bs, h, d), own(vb).reshape(b * c, bs, h, d)
+            kd, vd = own(kb).reshape(b * c, bs, hk, d), own(vb).reshape(b * c, bs, hk, d)
             o, l = attend(qi, kd, vd, is_causal=True, kv_valid=kv_valid, dropout_rng=key, **common)
             outs.append(o)
             lses.append(l)
@@ -105,7 +111,7 @@ def _block_sparse(
         return out.astype(q.dtype).reshape(b, c, bs, h, d)
 
     out = jax.lax.map(jax.checkpoint(step), xs)  # (steps, b, c, bs, h, d); O(chunk) memory in backward
-    return jnp.moveaxis(out, 0, 1).reshape(b, n, h, d)
+    return jnp.moveaxis(out, 0, 1).reshape(b, nb * bs, h, d)[:, :n]
 
 
 def block_sparse_attention(
@@ -131,7 +137,8 @@ def block_sparse_attention(
     kept blocks are gathered and scored: time and memory are ``O(n * k * block_size)``.
 
     Args:
-      q, k, v: ``(b, n, h, d)``, one floating dtype; ``n`` a multiple of ``block_size``.
+      q: ``(b, n, h, d)``; k, v: ``(b, n, h_kv, d)`` (grouped-query heads, as in
+        :func:`jax_dilated.dilated_attention`), one floating dtype; any ``n`` (the last block is shorter).
       block_size: tokens per block.
       pattern: ``"local_window"``, ``"dilated_sparse"`` or ``"global_local"``.
       sparsity_ratio: fraction of key blocks each query block drops, in ``[0, 1)``.
@@ -154,7 +161,6 @@ def block_sparse_attention(
     mask = None if key_padding_mask is None else jnp.asarray(key_padding_mask)
     check_qkv(q, k, v)
     check_block_options(block_size, pattern, sparsity_ratio, global_blocks)
-    check_block_sequence(q.shape[1], int(block_size))
     check_key_padding_mask(mask, q.shape[0], q.shape[1])
     check_dropout(dropout_rate, dropout_rng)
     return _block_sparse(

@@ -40,3 +40,8 @@ def check_module_inputs(query: Any, key: Any, value: Any, key_padding_mask: Any,
     """Raise unless query/key/value are ``(b, n, embed_dim)`` floating arrays and the mask fits them."""
     plan_checks.check_module_inputs(query, key, value, embed_dim, _is_floating)
     check_key_padding_mask(key_padding_mask, query.shape[0], query.shape[1])
+
+
+def check_document_ids(ids: Any, batch: int, n: int) -> None:
+    """Raise unless ``ids`` is None or an integer ``(batch, n)`` array."""
+    plan_checks.check_document_ids(ids, batch, n, lambda x: jnp.issubdtype(x.dtype, jnp.integer))

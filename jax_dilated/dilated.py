@@ -16,13 +16,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
-from dilated_plan import Branch, DilatedConfig, default_scale
-from jax_dilated.branches import branch_attention, combine_branches
-from jax_dilated.checks import check_dropout, check_key_padding_mask, check_qkv
-from jax_dilated.kernels import Backend, attend, resolve
+from dilated_plan import DilatedConfig, default_scale
+from jax_dilated.branches import Documents, Layout, branch_attention, combine_branches
+from jax_dilated.checks import check_document_ids, check_dropout, check_key_padding_mask, check_qkv
+from jax_dilated.kernels import Backend, resolve
 
 Array = jax.Array
 
@@ -41,7 +40,6 @@ def validate(
     """Check the inputs (docs/semantics.md section 3) and return the hashable configuration."""
     cfg = DilatedConfig(segment_lengths, dilation_rates, merge)
     check_qkv(q, k, v)
-    cfg.check_sequence(q.shape[1])
     cfg.check_heads(q.shape[2])
     check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[1])
     check_dropout(dropout_rate, dropout_rng)
@@ -65,65 +63,47 @@ class _Call:
         object.__setattr__(self, "backend", resolve(self.backend))
 
 
-def _run(q, k, v, key_padding_mask, dropout_rng, call: _Call, attend_branch) -> Array:
+def _run(q, k, v, key_padding_mask, document_ids, dropout_rng, call: _Call, layout: Layout) -> Array:
     b, n, h, d = q.shape
     if n == 0:
         return jnp.zeros_like(q)
     scale = default_scale(d, call.scale)
     branches = call.cfg.branches(h)
+    documents = None if document_ids is None else Documents.from_ids(document_ids)
     outs, lses = [], []
     for idx, br in enumerate(branches):
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, idx)
         kw: dict[str, Any] = dict(dropout_rate=call.dropout_rate, dropout_rng=rng, implementation=call.backend)
-        kw["need_lse"] = call.cfg.merge == "lse"
-        o, l = attend_branch(q, k, v, key_padding_mask, br, scale=scale, is_causal=call.is_causal, **kw)
+        kw.update(need_lse=call.cfg.merge == "lse", layout=layout, documents=documents)
+        o, l = branch_attention(q, k, v, key_padding_mask, br, scale=scale, is_causal=call.is_causal, **kw)
         outs.append(o)
         lses.append(l)
     return combine_branches(call.cfg, branches, outs, lses).astype(q.dtype)
 
 
-# ----------------------------------------------------------------------------------------------
-# Standard: explicit position indices, gather, attend, scatter.
-
-
-def _standard_branch(q, k, v, key_padding_mask, br: Branch, **kw):
-    b, n, h, d = q.shape
-    m = br.kept
-    starts = np.arange(0, n, br.segment)
-    pos = (starts[:, None] + br.offset + br.rate * np.arange(m)[None, :]).reshape(-1)  # (n/s * m,)
-    heads = np.asarray(br.heads)
-
-    def gather(x):
-        return x[:, pos][:, :, heads].reshape(b * (n // br.segment), m, len(heads), d)
-
-    valid = None
-    if key_padding_mask is not None:
-        valid = ~key_padding_mask[:, pos].reshape(b * (n // br.segment), m)
-    o, l = attend(gather(q), gather(k), gather(v), kv_valid=valid, **kw)
-    out = jnp.zeros((b, n, len(heads), d), o.dtype).at[:, pos].set(o.reshape(b, -1, len(heads), d))
-    if l is None:  # a kernel without log-sum-exp (need_lse=False)
-        return out, None
-    lse = jnp.full((b, n, len(heads)), -jnp.inf, l.dtype).at[:, pos].set(l.reshape(b, -1, len(heads)))
-    return out, lse
+# Standard: explicit position indices, an index gather and a scatter into zeros. Improved: a strided
+# reshape, put back by padding. Everything else (pieces, key/value buckets, kernel, merge) is shared.
 
 
 @functools.partial(jax.jit, static_argnames=("call",))
-def _standard(q, k, v, key_padding_mask, dropout_rng, call: _Call) -> Array:
-    return _run(q, k, v, key_padding_mask, dropout_rng, call, _standard_branch)
+def _standard(q, k, v, key_padding_mask, document_ids, dropout_rng, call: _Call) -> Array:
+    return _run(q, k, v, key_padding_mask, document_ids, dropout_rng, call, Layout(strided=False))
 
 
 @functools.partial(jax.jit, static_argnames=("call",))
-def _improved(q, k, v, key_padding_mask, dropout_rng, call: _Call) -> Array:
-    return _run(q, k, v, key_padding_mask, dropout_rng, call, branch_attention)
+def _improved(q, k, v, key_padding_mask, document_ids, dropout_rng, call: _Call) -> Array:
+    return _run(q, k, v, key_padding_mask, document_ids, dropout_rng, call, Layout(strided=True))
 
 
-def _checked(q, k, v, key_padding_mask, dropout_rng, call: _Call) -> tuple:
+def _checked(q, k, v, key_padding_mask, document_ids, dropout_rng, call: _Call) -> tuple:
     """The arrays of a call of either form, validated against its configuration."""
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
     mask = None if key_padding_mask is None else jnp.asarray(key_padding_mask)
+    docs = None if document_ids is None else jnp.asarray(document_ids)
     cfg = call.cfg
     validate(q, k, v, cfg.segment_lengths, cfg.dilation_rates, cfg.merge, mask, call.dropout_rate, dropout_rng)
-    return q, k, v, mask, dropout_rng
+    check_document_ids(docs, q.shape[0], q.shape[1])
+    return q, k, v, mask, docs, dropout_rng
 
 
 def dilated_attention(
@@ -137,6 +117,7 @@ def dilated_attention(
     scale: float | None = None,
     merge: str = "head_partition",
     key_padding_mask: ArrayLike | None = None,
+    document_ids: ArrayLike | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: ArrayLike | None = None,
     implementation: str | Backend | None = None,
@@ -144,7 +125,9 @@ def dilated_attention(
     """Dilated attention, the readable reference form (docs/semantics.md sections 1-2).
 
     Args:
-      q, k, v: ``(b, n, h, d)``, one floating dtype. ``n`` must be a multiple of every segment length.
+      q: ``(b, n, h, d)``; k, v: ``(b, n, h_kv, d)``, one floating dtype; ``h`` a multiple of ``h_kv``
+        (grouped-query attention: query head ``j`` uses key/value head ``j // (h / h_kv)``). Any ``n``:
+        the last segment of each group is shorter when ``n`` is not a multiple of its length.
       segment_lengths: ``(s_0, ..., s_{G-1})``.
       dilation_rates: ``(r_0, ..., r_{G-1})``, each dividing its segment length.
       is_causal: kept position ``p`` sees kept positions ``p' <= p`` of its segment.
@@ -153,6 +136,10 @@ def dilated_attention(
         ``"lse"`` (every head sees every group, mixed by log-sum-exp weights).
       key_padding_mask: optional ``(b, n)`` boolean, True where the key is padding (the
         ``torch.nn.MultiheadAttention`` convention). Padded keys get exactly zero weight.
+      document_ids: optional ``(b, n)`` integers packing several documents in a row: a document is a
+        maximal run of equal ids; positions count from each document's start (the segment and
+        dilation grid restarts there) and nothing is seen across documents, so the packed call equals
+        each document run alone (semantics section 10).
       dropout_rate: dropout on the attention probabilities (0 disables it).
       dropout_rng: PRNG key, required when ``dropout_rate > 0``.
       implementation: the attention kernel (:mod:`jax_dilated.kernels`): None chooses for the
@@ -167,7 +154,7 @@ def dilated_attention(
     (1, 16, 4, 8)
     """
     call = _Call(DilatedConfig(segment_lengths, dilation_rates, merge), is_causal, scale, dropout_rate, implementation)
-    return _standard(*_checked(q, k, v, key_padding_mask, dropout_rng, call), call)
+    return _standard(*_checked(q, k, v, key_padding_mask, document_ids, dropout_rng, call), call)
 
 
 def improved_dilated_attention(
@@ -181,6 +168,7 @@ def improved_dilated_attention(
     scale: float | None = None,
     merge: str = "head_partition",
     key_padding_mask: ArrayLike | None = None,
+    document_ids: ArrayLike | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: ArrayLike | None = None,
     implementation: str | Backend | None = None,
@@ -196,4 +184,4 @@ def improved_dilated_attention(
     ((2, 32, 4, 8), dtype('float32'))
     """
     call = _Call(DilatedConfig(segment_lengths, dilation_rates, merge), is_causal, scale, dropout_rate, implementation)
-    return _improved(*_checked(q, k, v, key_padding_mask, dropout_rng, call), call)
+    return _improved(*_checked(q, k, v, key_padding_mask, document_ids, dropout_rng, call), call)

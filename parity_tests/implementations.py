@@ -29,16 +29,20 @@ class Impl:
 
 
 def _jax(fn):
-    def run(q, k, v, key_padding_mask=None, **kw):
+    def run(q, k, v, key_padding_mask=None, document_ids=None, **kw):
         mask = None if key_padding_mask is None else jnp.asarray(key_padding_mask)
+        if document_ids is not None:
+            kw["document_ids"] = jnp.asarray(document_ids)
         return np.asarray(fn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), key_padding_mask=mask, **kw))
 
     return run
 
 
 def _torch(fn):
-    def run(q, k, v, key_padding_mask=None, **kw):
+    def run(q, k, v, key_padding_mask=None, document_ids=None, **kw):
         mask = None if key_padding_mask is None else torch.as_tensor(key_padding_mask)
+        if document_ids is not None:
+            kw["document_ids"] = torch.as_tensor(document_ids)
         with torch.no_grad():
             out = fn(torch.as_tensor(q), torch.as_tensor(k), torch.as_tensor(v), key_padding_mask=mask, **kw)
         return out.numpy()

@@ -35,11 +35,32 @@ def masked_softmax_attention(q, k, v, allowed, scale):
     return out, lse
 
 
-def branch_mask(n, segment, rate, offset, is_causal, key_padding=None):
-    """``(n, n)`` allowed matrix of one (segment, rate, offset): same segment, both kept, causal, not padded."""
+def document_runs(n: int, document_ids=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per position: the index of its document (a maximal run of equal ids) and the run's first position."""
     p = np.arange(n)
-    kept = kept_positions(n, segment, rate, offset)
-    same_segment = (p[:, None] // segment) == (p[None, :] // segment)
+    if document_ids is None:
+        return np.zeros(n, int), np.zeros(n, int)
+    ids = np.asarray(document_ids)
+    new = np.ones(n, bool)
+    new[1:] = ids[1:] != ids[:-1]
+    run = np.cumsum(new) - 1
+    start = np.maximum.accumulate(np.where(new, p, 0))
+    return run, start
+
+
+def branch_mask(n, segment, rate, offset, is_causal, key_padding=None, document_ids=None):
+    """``(n, n)`` allowed matrix of one (segment, rate, offset) and the ``(n,)`` kept positions.
+
+    Positions count from the start of their document (the whole row without ``document_ids``):
+    ``rel = p - start``. Query ``p`` sees key ``p'`` when both are kept (``(rel mod s) mod r == o``),
+    they are in the same document and the same segment of it (``rel // s``), the key is not padding,
+    and ``p' <= p`` if causal.
+    """
+    p = np.arange(n)
+    run, start = document_runs(n, document_ids)
+    rel = p - start
+    kept = (rel % segment) % rate == offset
+    same_segment = (run[:, None] == run[None, :]) & ((rel[:, None] // segment) == (rel[None, :] // segment))
     allowed = same_segment & kept[:, None] & kept[None, :]
     if is_causal:
         allowed &= p[None, :] <= p[:, None]
@@ -49,22 +70,31 @@ def branch_mask(n, segment, rate, offset, is_causal, key_padding=None):
 
 
 def dilated_attention(q, k, v, segment_lengths, dilation_rates, is_causal=False, scale=None,
-                      merge="head_partition", key_padding_mask=None):
-    """SPEC sections 1-2 in float64. q, k, v ``(b, n, h, d)``; key_padding_mask ``(b, n)``, True = padding."""
+                      merge="head_partition", key_padding_mask=None, document_ids=None):
+    """Semantics sections 1-2 and 10 in float64. q ``(b, n, h, d)``, k, v ``(b, n, h_kv, d)`` (query head
+    ``j`` uses kv head ``j // (h / h_kv)``); any ``n``; key_padding_mask ``(b, n)``, True = padding;
+    document_ids ``(b, n)`` integers (a document is a maximal run of equal ids)."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     b, n, h, d = q.shape
+    group = h // k.shape[2]
     scale = 1.0 / np.sqrt(d) if scale is None else scale
     g = len(segment_lengths)
     out = np.zeros_like(q)
     for bi in range(b):
         pad = None if key_padding_mask is None else np.asarray(key_padding_mask[bi], dtype=bool)
+        docs = None if document_ids is None else document_ids[bi]
+
+        def head(hj, allowed):
+            return masked_softmax_attention(q[bi, :, hj], k[bi, :, hj // group], v[bi, :, hj // group], allowed,
+                                            scale)
+
         if merge == "head_partition":
             start = 0
             for i, size in enumerate(group_sizes(h, g)):
                 s, r = segment_lengths[i], dilation_rates[i]
-                allowed, kept = branch_mask(n, s, r, i % r, is_causal, pad)
+                allowed, kept = branch_mask(n, s, r, i % r, is_causal, pad, docs)
                 for hj in range(start, start + size):
-                    o, _ = masked_softmax_attention(q[bi, :, hj], k[bi, :, hj], v[bi, :, hj], allowed, scale)
+                    o, _ = head(hj, allowed)
                     o[~kept] = 0.0
                     out[bi, :, hj] = o / g
                 start += size
@@ -72,8 +102,8 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, is_causal=False,
             for hj in range(h):
                 outs, lses = [], []
                 for s, r in zip(segment_lengths, dilation_rates):
-                    allowed, _ = branch_mask(n, s, r, hj % r, is_causal, pad)
-                    o, l = masked_softmax_attention(q[bi, :, hj], k[bi, :, hj], v[bi, :, hj], allowed, scale)
+                    allowed, _ = branch_mask(n, s, r, hj % r, is_causal, pad, docs)
+                    o, l = head(hj, allowed)
                     outs.append(o)
                     lses.append(l)
                 lse = np.stack(lses)  # (G, n)

@@ -54,8 +54,8 @@ def ordered_candidates(i: int, nb: int, pattern: str, global_blocks: int, is_cau
 
 def block_layout(n: int, block_size: int, pattern: str, sparsity_ratio: float, global_blocks: int = 1,
                  is_causal: bool = False) -> np.ndarray:
-    """``(nb, nb)`` bool: each row keeps the first ``k`` of its ordered candidates."""
-    nb = n // block_size
+    """``(nb, nb)`` bool, ``nb = ceil(n / block_size)``: each row keeps the first ``k`` of its ordered candidates."""
+    nb = -(-n // block_size)
     k = budget(nb, sparsity_ratio)
     layout = np.zeros((nb, nb), dtype=bool)
     for i in range(nb):
@@ -66,11 +66,15 @@ def block_layout(n: int, block_size: int, pattern: str, sparsity_ratio: float, g
 
 def block_sparse_attention(q, k, v, block_size, pattern, sparsity_ratio, global_blocks=1, is_causal=False,
                            scale=None, key_padding_mask=None):
-    """Dense float64 attention under the expanded layout (and causal, and key padding). ``(b, n, h, d)``."""
+    """Dense float64 attention under the expanded layout (and causal, and key padding). q ``(b, n, h, d)``,
+    k, v ``(b, n, h_kv, d)`` (query head ``j`` uses kv head ``j // (h / h_kv)``); any ``n``: position ``p``
+    is in block ``p // block_size``."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
-    b, n = q.shape[:2]
+    b, n, h = q.shape[:3]
+    k, v = np.repeat(k, h // k.shape[2], axis=2), np.repeat(v, h // v.shape[2], axis=2)
     layout = block_layout(n, block_size, pattern, sparsity_ratio, global_blocks, is_causal)
-    allowed = np.kron(layout, np.ones((block_size, block_size), dtype=bool)).astype(bool)
+    blocks = np.arange(n) // block_size
+    allowed = layout[blocks[:, None], blocks[None, :]]
     if key_padding_mask is None:
         return dense_attention(q, k, v, is_causal=is_causal, scale=scale, allowed=allowed)
     pad = np.asarray(key_padding_mask, dtype=bool)

@@ -222,11 +222,11 @@ def test_failure_kinds():
 
 
 def test_worker_turns_an_exception_into_a_failed_result(tmp_path):
-    bad = Case("improved", "torch", seq_len=192, batch=1, heads=2, head_dim=8, segment_lengths=(64, 128),
-               dilation_rates=(1, 2), repeats=1)
+    bad = Case("improved", "torch", seq_len=192, batch=1, heads=2, head_dim=8, segment_lengths=(64, 100),
+               dilation_rates=(1, 3), repeats=1)  # 100 is not a multiple of its rate 3
     runner._worker_main(bad.to_json(), str(tmp_path / "r.json"))
     m = Measurement.from_json((tmp_path / "r.json").read_text())
-    assert m.status is Status.FAILED and m.failure is FailureKind.ERROR and "192" in m.error
+    assert m.status is Status.FAILED and m.failure is FailureKind.ERROR and "100" in m.error
 
 
 def test_scheduler_skips_what_grows_worse():

@@ -305,7 +305,6 @@ def test_torch_module_matches_function():
 
 
 BAD = [
-    (dict(block_size=5), ValueError, "sequence length 16 is not divisible by block_size 5"),
     (dict(block_size=0), ValueError, "block_size=0 must be a positive integer"),
     (dict(block_size=2.0), ValueError, "block_size=2.0 must be a positive integer"),
     (dict(sparsity_ratio=1.0), ValueError, "sparsity_ratio=1.0 is outside [0, 1)"),

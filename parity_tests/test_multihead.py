@@ -493,7 +493,6 @@ BAD_CALLS = [
     (dict(key_padding_mask=np.zeros((B, N + 1), bool)), ValueError,
      r"key_padding_mask has shape \(2, 17\); expected \(batch, seq\) = \(2, 16\)"),
     (dict(key_padding_mask=np.zeros((B, N), np.float32)), TypeError, r"key_padding_mask has dtype (torch\.)?float32; pass a boolean"),
-    (dict(query=np.ones((B, 12, E))), ValueError, "sequence length 12 is not divisible by segment length 8"),
 ]
 
 
@@ -530,12 +529,6 @@ def test_bad_call(framework, args, exc, match):
     with pytest.raises(exc, match=match):
         module(conv(query), conv(args.get("key")), conv(args.get("value")),
                key_padding_mask=conv(args.get("key_padding_mask")))
-
-
-def test_bad_block_sparse_sequence_length():
-    for module, conv in ((_build("jax", KIND["block_sparse"], {}), _j), (_build("torch", KIND["block_sparse"], {}), _t)):
-        with pytest.raises(ValueError, match="sequence length 18 is not divisible by block_size 4"):
-            module(conv(np.ones((1, 18, E))))
 
 
 def test_bad_dropout_rngs():

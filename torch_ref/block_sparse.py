@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dilated_plan import block_layout, block_tables, check_block_options, default_scale
-from dilated_plan.blocks import check_block_sequence, chunk_blocks
+from dilated_plan.blocks import chunk_blocks
 from torch_ref.checks import check_dropout, check_key_padding_mask, check_qkv
+from torch_ref.kernels.plain import finite_keys, poison
 
 Tensor = torch.Tensor
 
@@ -46,7 +47,8 @@ def block_sparse_attention(
     kept blocks are gathered and scored: time and memory are ``O(n * k * block_size)``.
 
     Args:
-      q, k, v: ``(b, n, h, d)``, one floating dtype; ``n`` a multiple of ``block_size``.
+      q: ``(b, n, h, d)``; k, v: ``(b, n, h_kv, d)`` (grouped-query heads), one floating dtype; any ``n``
+        (the last block is shorter).
       block_size: tokens per block.
       pattern: ``"local_window"``, ``"dilated_sparse"`` or ``"global_local"``.
       sparsity_ratio: fraction of key blocks each query block drops, in ``[0, 1)``.
@@ -65,15 +67,17 @@ def block_sparse_attention(
     """
     check_qkv(q, k, v)
     check_block_options(block_size, pattern, sparsity_ratio, global_blocks)
-    check_block_sequence(q.shape[1], int(block_size))
     check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[1])
     check_dropout(dropout_p)
     b, n, h, d = q.shape
+    hk = k.shape[2]
     if n == 0:
         return torch.zeros_like(q)
     scale = default_scale(d, scale)
     bs = int(block_size)
-    nb = n // bs
+    nb = -(-n // bs)  # any n: the last block is shorter (its missing positions are masked keys)
+    extra = nb * bs - n
+    k, v, bad = finite_keys(k, v)  # a non-finite key/value reaches exactly the rows that see it
     tables = block_tables(nb, pattern, float(sparsity_ratio), int(global_blocks), bool(is_causal))
     index, valid, diagonal, width = tables.index, tables.valid, tables.diagonal, tables.width
     c = chunk_blocks(nb, b * h * bs * bs * (width + int(bool(is_causal))), _CHUNK_SCORES)
@@ -84,8 +88,14 @@ def block_sparse_attention(
     if is_causal:  # (nb, bs, bs): element-wise causal inside the diagonal block, if the row keeps it
         tril = torch.ones(bs, bs, dtype=torch.bool, device=dev).tril()
         causal_t = tril[None] & torch.as_tensor(diagonal.copy(), device=dev)[:, None, None]
-    qb, kb, vb = (x.reshape(b, nb, bs, h, d) for x in (q, k, v))
-    visible = None if key_padding_mask is None else ~key_padding_mask.reshape(b, nb, bs)
+    pad = lambda x, fill=0.0: F.pad(x, (0, 0) * (x.ndim - 2) + (0, extra), value=fill) if extra else x  # noqa: E731
+    qb = pad(q).reshape(b, nb, bs, h, d)
+    kb, vb = (pad(x).reshape(b, nb, bs, hk, d) for x in (k, v))
+    badb = pad(bad, False).reshape(b, nb, bs, hk)
+    visible = None
+    if key_padding_mask is not None or extra:
+        keys_ok = torch.ones(b, n, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask
+        visible = pad(keys_ok, False).reshape(b, nb, bs)
     out = q.new_empty((b, nb, bs, h, d))
     for start in range(0, nb, c):  # query blocks [start, start + c)
         own = slice(start, start + c)
@@ -94,7 +104,7 @@ def block_sparse_attention(
         def gather(x, idx=idx):  # the kept (off-diagonal when causal) key blocks of each query block
             return x.index_select(1, idx).reshape(b * c, width * bs, *x.shape[3:])
 
-        keys, values = gather(kb), gather(vb)
+        keys, values, bad_keys = gather(kb), gather(vb), gather(badb)
         mask = None
         if visible is not None or not valid[own].all():  # (b * c, 1, 1, width * bs)
             mask = kept_t[own][None].expand(b, c, width * bs)
@@ -102,8 +112,9 @@ def block_sparse_attention(
                 mask = mask & gather(visible).reshape(b, c, width * bs)
             mask = mask.reshape(b * c, 1, 1, width * bs)
         if is_causal:  # append the diagonal block with its element mask (b * c, 1, bs, bs)
-            keys = torch.cat([keys, kb[:, own].reshape(b * c, bs, h, d)], dim=1)
-            values = torch.cat([values, vb[:, own].reshape(b * c, bs, h, d)], dim=1)
+            keys = torch.cat([keys, kb[:, own].reshape(b * c, bs, hk, d)], dim=1)
+            values = torch.cat([values, vb[:, own].reshape(b * c, bs, hk, d)], dim=1)
+            bad_keys = torch.cat([bad_keys, badb[:, own].reshape(b * c, bs, hk)], dim=1)
             assert causal_t is not None
             diag = causal_t[own][None].expand(b, c, bs, bs)
             if visible is not None:
@@ -122,11 +133,14 @@ def block_sparse_attention(
             attn_mask=mask,
             dropout_p=dropout_p,
             scale=scale,
+            enable_gqa=hk != h,
         )  # (b * c, h, bs, d)
         if empty is not None:
             o = o.masked_fill(empty.expand(b * c, 1, bs, 1), 0.0)
-        out[:, own] = o.transpose(1, 2).reshape(b, c, bs, h, d)
-    return out.reshape(b, n, h, d)
+        seen = None if mask is None or empty is None else mask & ~empty
+        o, _ = poison(o.transpose(1, 2), None, seen, bad_keys)
+        out[:, own] = o.reshape(b, c, bs, h, d)
+    return out.reshape(b, nb * bs, h, d)[:, :n]
 
 
 class BlockSparseDilatedAttention(nn.Module):

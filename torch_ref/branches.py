@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from dilated_plan import Branch, DilatedConfig
-from torch_ref.kernels import flex, sdpa_attention
+from dilated_plan.config import Piece, branch_pieces, kv_buckets
+from torch_ref.kernels import attend, flex, sdpa_attention
 
 Tensor = torch.Tensor
 
@@ -36,6 +37,47 @@ def undilate(x: Tensor, br: Branch, batch: int, fill: float) -> Tensor:
     return x.reshape(batch, -1, *rest)
 
 
+def _positions(length: int, br: Branch, device) -> Tensor:
+    """The kept positions of every segment of ``br`` in ``[0, length)``, in order."""
+    starts = torch.arange(0, length, br.segment, device=device)
+    return (starts[:, None] + br.offset + br.rate * torch.arange(br.kept, device=device)[None, :]).reshape(-1)
+
+
+def _heads(x: Tensor, heads: tuple[int, ...]) -> Tensor:
+    """The ``heads`` of ``x`` (dim 2): a strided view when they are evenly spaced, else an index_select."""
+    steps = {b - a for a, b in zip(heads, heads[1:], strict=False)}
+    if len(steps) <= 1:
+        step = steps.pop() if steps else 1
+        return x[:, :, heads[0] : heads[-1] + 1 : step]
+    return x.index_select(2, torch.tensor(heads, device=x.device))
+
+
+class _PieceLayout:
+    """How one piece's kept positions become rows (``gather``) and go back (``scatter``)."""
+
+    def __init__(self, piece: Piece, batch: int, plain: bool, device):
+        self.piece, self.batch, self.plain = piece, batch, plain
+        self.pos = _positions(piece.padded, piece.branch, device) if plain else None
+
+    def gather(self, x: Tensor, fill: float | bool = 0.0) -> Tensor:
+        """``(b, length, ...)`` -> ``(b * L/s, s/r, ...)``, the shorter last segment padded with ``fill``."""
+        piece, br = self.piece, self.piece.branch
+        extra = piece.padded - piece.length
+        if extra:
+            x = F.pad(x, (0, 0) * (x.ndim - 2) + (0, extra), value=fill)
+        if self.pos is None:
+            return dilate(x, br)
+        return x.index_select(1, self.pos).reshape(self.batch * (piece.padded // br.segment), br.kept, *x.shape[2:])
+
+    def scatter(self, x: Tensor, fill: float) -> Tensor:
+        """Inverse of :meth:`gather`, cut back to the piece's length; ``fill`` off the kept positions."""
+        piece, rest = self.piece, x.shape[2:]
+        if self.pos is None:
+            return undilate(x, piece.branch, self.batch, fill)[:, : piece.length]
+        full = x.new_full((self.batch, piece.padded, *rest), fill)
+        return full.index_copy(1, self.pos, x.reshape(self.batch, -1, *rest))[:, : piece.length]
+
+
 def branch_attention(
     q: Tensor,
     k: Tensor,
@@ -47,25 +89,56 @@ def branch_attention(
     is_causal: bool,
     dropout_p: float,
     need_lse: bool,
+    plain: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """One branch of dilated attention on ``(b, n, h, d)`` tensors: its heads' output and log-sum-exp.
+    """One branch of dilated attention: its heads' output and log-sum-exp (mirror of the JAX one).
 
-    Returns ``(b, n, heads_of_branch, d)`` (0 off the branch's positions) and, with ``need_lse``,
-    ``(b, n, heads_of_branch)`` (``-inf`` there), else None. SDPA serves the output; the log-sum-exp
-    comes, on CUDA without dropout, from flex attention's one fused pass, else from a chunked second
-    pass (docs/torch_core.md).
+    ``q`` ``(b, n, h, d)``, ``k, v`` ``(b, n, h_kv, d)``, any ``n``: the branch's whole segments and the
+    shorter last one (:func:`dilated_plan.branch_pieces`), its query heads split by the key/value heads
+    they share (:func:`dilated_plan.kv_buckets`). ``plain`` (the standard form): index gathers and the
+    plain kernel (:func:`torch_ref.kernels.attend`); else (improved) strided views and SDPA, the
+    log-sum-exp coming, on CUDA without dropout, from flex attention's one fused pass, else from a
+    chunked second pass (docs/torch_core.md).
+
+    Returns ``(b, n, heads_of_branch, d)`` (0 off the branch's positions) and, with ``need_lse`` (always
+    with ``plain``), ``(b, n, heads_of_branch)`` (``-inf`` there), else None; heads in ``br.heads`` order.
     """
-    b = q.shape[0]
-    hs = br.head_slice
-    qd, kd, vd = (dilate(x[:, :, hs], br) for x in (q, k, v))  # (B, m, hg, d) strided views
-    valid = None if key_padding_mask is None else ~dilate(key_padding_mask, br)
-    kw: dict[str, Any] = dict(scale=scale, is_causal=is_causal, kv_valid=valid)
-    lse: Tensor | None
-    if need_lse and q.is_cuda and dropout_p == 0.0 and flex.available():
-        o, lse = flex.flex_attention(qd, kd, vd, **kw)
-    else:
-        o, lse = sdpa_attention(qd, kd, vd, dropout_p=dropout_p, need_lse=need_lse, **kw)
-    return undilate(o, br, b, 0.0), None if lse is None else undilate(lse, br, b, float("-inf"))
+    b, n, h, _ = q.shape
+    buckets = kv_buckets(br.heads, h // k.shape[2])
+    order = torch.argsort(torch.tensor([j for bucket in buckets for j in bucket.query_heads], device=q.device))
+    outs, lses = [], []
+    for piece in branch_pieces(n, br):
+        extra, length = piece.padded - piece.length, piece.length
+        span = slice(piece.start, piece.start + length)
+        lay = _PieceLayout(piece, b, plain, q.device)
+        valid = None
+        if key_padding_mask is not None or extra:
+            visible = torch.ones(b, length, dtype=torch.bool, device=q.device)
+            if key_padding_mask is not None:
+                visible = ~key_padding_mask[:, span]
+            valid = lay.gather(visible, fill=False)
+        o_parts, l_parts = [], []
+        for bucket in buckets:
+            qd, kd, vd = (
+                lay.gather(_heads(x[:, span], heads))
+                for x, heads in ((q, bucket.query_heads), (k, bucket.kv_heads), (v, bucket.kv_heads))
+            )
+            kw: dict[str, Any] = dict(scale=scale, is_causal=is_causal, kv_valid=valid)
+            lse: Tensor | None
+            if plain:
+                o, lse = attend(qd, kd, vd, dropout_p=dropout_p, **kw)
+            elif need_lse and q.is_cuda and dropout_p == 0.0 and flex.available():
+                o, lse = flex.flex_attention(qd, kd, vd, **kw)
+            else:
+                o, lse = sdpa_attention(qd, kd, vd, dropout_p=dropout_p, need_lse=need_lse, **kw)
+            o_parts.append(lay.scatter(o, 0.0))
+            if lse is not None:
+                l_parts.append(lay.scatter(lse, float("-inf")))
+        outs.append(torch.cat(o_parts, dim=2).index_select(2, order) if len(buckets) > 1 else o_parts[0])
+        if l_parts:
+            lses.append(torch.cat(l_parts, dim=2).index_select(2, order) if len(buckets) > 1 else l_parts[0])
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    return out, (torch.cat(lses, dim=1) if len(lses) > 1 else lses[0]) if lses else None
 
 
 def merge_lse(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]:

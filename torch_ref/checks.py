@@ -39,3 +39,10 @@ def check_module_inputs(
     """Raise unless query/key/value are ``(b, n, embed_dim)`` floating tensors and the mask fits them."""
     plan_checks.check_module_inputs(query, key, value, embed_dim, _is_floating)
     check_key_padding_mask(key_padding_mask, query.shape[0], query.shape[1])
+
+
+def check_document_ids(ids: torch.Tensor | None, batch: int, n: int) -> None:
+    """Raise unless ``ids`` is None or an integer ``(batch, n)`` tensor."""
+    plan_checks.check_document_ids(
+        ids, batch, n, lambda x: not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+    )

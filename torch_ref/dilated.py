@@ -15,10 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dilated_plan import Branch, DilatedConfig, default_scale
+from dilated_plan import DilatedConfig, default_scale
 from torch_ref.branches import branch_attention, combine_branches
-from torch_ref.checks import check_dropout, check_key_padding_mask, check_qkv
-from torch_ref.kernels import attend
+from torch_ref.checks import check_document_ids, check_dropout, check_key_padding_mask, check_qkv
 
 Tensor = torch.Tensor
 
@@ -36,51 +35,46 @@ def validate(
     """Check the inputs (docs/semantics.md section 3) and return the hashable configuration."""
     cfg = DilatedConfig(segment_lengths, dilation_rates, merge)
     check_qkv(q, k, v)
-    cfg.check_sequence(q.shape[1])
     cfg.check_heads(q.shape[2])
     check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[1])
     check_dropout(dropout_p)
     return cfg
 
 
-def _run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cfg: DilatedConfig, options: dict, branch_fn) -> Tensor:
-    """Every branch through ``branch_fn``, merged; ``options`` holds is_causal, scale and dropout_p."""
+def _run(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    documents: Tensor | None,
+    cfg: DilatedConfig,
+    options: dict,
+    plain: bool,
+) -> Tensor:
+    """Every branch, merged; ``options`` holds is_causal, scale and dropout_p.
+
+    Packed documents run one at a time (the row's document boundaries are read on the host): each
+    document is its own sequence under the any-length rule, which is what semantics section 10 says the
+    packed call equals.
+    """
     b, n, h, d = q.shape
     if n == 0:
         return torch.zeros_like(q)
+    if documents is not None:
+        out = torch.zeros_like(q)
+        for row in range(b):
+            ids = documents[row].tolist()
+            cuts = [0] + [p for p in range(1, n) if ids[p] != ids[p - 1]] + [n]
+            for a, e in zip(cuts[:-1], cuts[1:], strict=True):
+                one = (slice(row, row + 1), slice(a, e))
+                doc_mask = None if mask is None else mask[one]
+                out[one] = _run(q[one], k[one], v[one], doc_mask, None, cfg, options, plain)
+        return out
     kw: dict[str, Any] = dict(scale=default_scale(d, options["scale"]), is_causal=bool(options["is_causal"]))
-    kw.update(dropout_p=float(options["dropout_p"]), need_lse=cfg.merge == "lse")
+    kw.update(dropout_p=float(options["dropout_p"]), need_lse=cfg.merge == "lse", plain=plain)
     branches = cfg.branches(h)
-    results = [branch_fn(q, k, v, mask, br, **kw) for br in branches]
+    results = [branch_attention(q, k, v, mask, br, **kw) for br in branches]
     return combine_branches(cfg, branches, [o for o, _ in results], [lse for _, lse in results]).to(q.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Standard: explicit position indices, gather, attend, scatter.
-
-
-def _standard_branch(q, k, v, key_padding_mask, br: Branch, *, need_lse: bool, **kw):
-    # `attend` always returns the log-sum-exp, so `need_lse` (which spares improved an extra pass) costs
-    # nothing here; the plain form always returns it.
-    b, n, h, d = q.shape
-    m = br.kept
-    nseg = n // br.segment
-    starts = torch.arange(0, n, br.segment, device=q.device)
-    pos = (starts[:, None] + br.offset + br.rate * torch.arange(m, device=q.device)[None, :]).reshape(-1)
-    heads = torch.tensor(br.heads, device=q.device)
-
-    def gather(x):
-        return x.index_select(1, pos).index_select(2, heads).reshape(b * nseg, m, len(heads), d)
-
-    valid = None
-    if key_padding_mask is not None:
-        valid = ~key_padding_mask.index_select(1, pos).reshape(b * nseg, m)
-    o, l = attend(gather(q), gather(k), gather(v), kv_valid=valid, **kw)
-    o = o.reshape(b, nseg * m, len(heads), d)
-    l = l.reshape(b, nseg * m, len(heads))
-    out = o.new_zeros(b, n, len(heads), d).index_copy(1, pos, o)
-    lse = l.new_full((b, n, len(heads)), float("-inf")).index_copy(1, pos, l)
-    return out, lse
 
 
 def dilated_attention(
@@ -94,6 +88,7 @@ def dilated_attention(
     scale: float | None = None,
     merge: str = "head_partition",
     key_padding_mask: Tensor | None = None,
+    document_ids: Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
     """Dilated attention, the readable form: :func:`jax_dilated.dilated_attention` on torch tensors.
@@ -106,8 +101,9 @@ def dilated_attention(
     torch.Size([1, 16, 4, 8])
     """
     cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask, dropout_p)
+    check_document_ids(document_ids, q.shape[0], q.shape[1])
     options: dict[str, Any] = dict(is_causal=is_causal, scale=scale, dropout_p=dropout_p)
-    return _run(q, k, v, key_padding_mask, cfg, options, _standard_branch)
+    return _run(q, k, v, key_padding_mask, document_ids, cfg, options, plain=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,6 +121,7 @@ def improved_dilated_attention(
     scale: float | None = None,
     merge: str = "head_partition",
     key_padding_mask: Tensor | None = None,
+    document_ids: Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
     """Dilated attention, fast form. Same arguments, shapes and result as :func:`dilated_attention`.
@@ -138,8 +135,9 @@ def improved_dilated_attention(
     torch.Size([2, 32, 4, 8])
     """
     cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask, dropout_p)
+    check_document_ids(document_ids, q.shape[0], q.shape[1])
     options: dict[str, Any] = dict(is_causal=is_causal, scale=scale, dropout_p=dropout_p)
-    return _run(q, k, v, key_padding_mask, cfg, options, branch_attention)
+    return _run(q, k, v, key_padding_mask, document_ids, cfg, options, plain=False)
 
 
 # ----------------------------------------------------------------------------------------------

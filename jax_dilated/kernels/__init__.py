@@ -87,6 +87,8 @@ def attend(
     scale: float,
     is_causal: bool = False,
     kv_valid: Array | None = None,
+    q_ids: Array | None = None,
+    kv_ids: Array | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     need_lse: bool = True,
@@ -97,7 +99,7 @@ def attend(
     Args:
       q: ``(B, m, h, d)``; k, v: ``(B, mk, h_kv, d)`` with ``h % h_kv == 0`` (grouped-query heads:
         query head ``j`` uses key/value head ``j // (h / h_kv)``).
-      scale, is_causal, kv_valid, dropout_rate, dropout_rng: as in
+      scale, is_causal, kv_valid, q_ids, kv_ids, dropout_rate, dropout_rng: as in
         :func:`jax_dilated.kernels.xla.flash_attention`.
       need_lse: whether the caller uses the log-sum-exp; with False a backend that has none (cuDNN)
         may serve the call and return None for it.
@@ -117,6 +119,7 @@ def attend(
         need_lse=bool(need_lse),
         has_mask=kv_valid is not None,
         dropout=dropout_rate > 0.0,
+        has_ids=q_ids is not None,
     )
     chosen: Xla | Pallas | Cudnn
     if isinstance(backend, Auto):
@@ -131,7 +134,17 @@ def attend(
         return pallas.flash_attention(q, k, v, config=chosen.config, **kw)
     if isinstance(chosen, Cudnn):
         return cudnn.attention(q, k, v, **kw)
-    return xla.flash_attention(q, k, v, dropout_rate=dropout_rate, dropout_rng=dropout_rng, tiling=chosen.tiling, **kw)
+    return xla.flash_attention(
+        q,
+        k,
+        v,
+        q_ids=q_ids,
+        kv_ids=kv_ids,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        tiling=chosen.tiling,
+        **kw,
+    )
 
 
 __all__ = [

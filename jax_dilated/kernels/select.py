@@ -37,6 +37,7 @@ class CallShape:
       need_lse: the caller merges by log-sum-exp (``merge="lse"``, ring hops, causal block-sparse).
       has_mask: a key mask (``kv_valid``) is given.
       dropout: dropout is on.
+      has_ids: query/key ids (packed documents) restrict who sees whom.
     """
 
     platform: str
@@ -46,6 +47,7 @@ class CallShape:
     need_lse: bool = True
     has_mask: bool = False
     dropout: bool = False
+    has_ids: bool = False
 
     @property
     def on_gpu(self) -> bool:
@@ -58,6 +60,8 @@ def unsupported(name: str, call: CallShape) -> str | None:
         return None
     if call.dropout:
         return f"it has no dropout (the {name} kernel serves dropout_rate=0 only)"
+    if call.has_ids:
+        return f"it takes no packed-document ids (the {name} kernel serves calls without document_ids)"
     if name == "pallas":
         if not call.on_gpu and call.platform != "cpu":
             return f"it runs on NVIDIA GPUs (and interpreted on the CPU), not on {call.platform!r}"

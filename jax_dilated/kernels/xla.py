@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -143,11 +143,33 @@ def _keep(row_keys: Array, heads: Array, queries: Array, mk: int, rate: float) -
 
 
 # ----------------------------------------------------------------------------------------------
-# One block of scores, forward and backward. Shapes: q (U, g, T, d), k/v (U, K, d), valid (U, K) or
-# None, keep (U, g, T, K) or None; q0 is the position of q's first query (causal masking).
+# One block of scores, forward and backward. Shapes: q (U, g, T, d), k/v (U, K, d), keep (U, g, T, K)
+# or None; q0 is the position of q's first query (causal masking).
 
 
-def _visible(q0, t: int, kk: int, k0, valid, is_causal: bool, groups: int = 1):
+class Mask(NamedTuple):
+    """Who may see whom, besides causality (a pytree; every field may be None).
+
+    Attributes:
+      valid: ``(U, K)`` boolean, False for keys nobody may see.
+      q_ids, k_ids: ``(U, T)`` and ``(U, K)`` integers: query ``i`` sees key ``j`` only when
+        ``q_ids[i] == k_ids[j]`` (packed documents: one id per document segment). Both or neither.
+    """
+
+    valid: Array | None = None
+    q_ids: Array | None = None
+    k_ids: Array | None = None
+
+    def block(self, a: int, b: int, e: int) -> Mask:
+        """The mask of queries ``[a, b)`` against keys ``[0, e)``."""
+        return Mask(
+            None if self.valid is None else self.valid[:, :e],
+            None if self.q_ids is None else self.q_ids[:, a:b],
+            None if self.k_ids is None else self.k_ids[:, :e],
+        )
+
+
+def _visible(q0, t: int, kk: int, k0, mask: Mask, is_causal: bool, groups: int = 1):
     """Boolean ``(U or 1, groups * T, K)`` visibility of a block, or None when every key is visible.
 
     Query row ``j`` of the block is position ``q0 + j % T`` (the ``groups`` query heads of a key/value
@@ -158,13 +180,45 @@ def _visible(q0, t: int, kk: int, k0, valid, is_causal: bool, groups: int = 1):
         rows = q0 + jnp.arange(t)[:, None]
         cols = k0 + jnp.arange(kk)[None, :]
         vis = jnp.tile(cols <= rows, (groups, 1))[None]
-    if valid is not None:
-        kv = valid[:, None, :]
+    if mask.valid is not None:
+        kv = mask.valid[:, None, :]
         vis = kv if vis is None else vis & kv
+    if mask.q_ids is not None and mask.k_ids is not None:
+        same = jnp.tile(mask.q_ids[:, :, None] == mask.k_ids[:, None, :], (1, groups, 1))
+        vis = same if vis is None else vis & same
     return vis
 
 
-def _block_forward(q, k, v, valid, keep, q0, spec: _Spec):
+def _finite_keys(k, v):
+    """``(k, v)`` with non-finite keys/values zeroed, and the ``(U, K)`` mask of those keys.
+
+    A non-finite key or value must reach exactly the rows that see it (semantics section 11): zeroing
+    it first keeps ``0 * nan`` of the rows that do not see it (masked, future, padded) from poisoning
+    them; :func:`_poisoned_rows` says which rows do see it (they become NaN).
+    """
+    bad = ~(jnp.all(jnp.isfinite(k), axis=-1) & jnp.all(jnp.isfinite(v), axis=-1))
+    return jnp.where(bad[..., None], 0, k), jnp.where(bad[..., None], 0, v), bad
+
+
+def _poisoned_rows(mask: Mask, bad, q0, t: int, g: int, is_causal: bool, vis):
+    """``(U, g * T)`` boolean: the rows that see a key marked in ``bad`` ``(U, K)``, at ``O(K)`` cost.
+
+    Without ids a row sees every valid key (non-causal) or every valid key up to itself (causal), so it
+    is poisoned when a valid bad key exists (at or before it). With query/key ids the block's own
+    visibility is reduced instead.
+    """
+    u = bad.shape[0]
+    if mask.q_ids is not None:
+        return jnp.any(vis & bad[:, None, :], axis=-1)
+    seen = bad if mask.valid is None else bad & mask.valid
+    if not is_causal:
+        return jnp.broadcast_to(jnp.any(seen, axis=-1, keepdims=True), (u, g * t))
+    first = jnp.min(jnp.where(seen, jnp.arange(bad.shape[1]), jnp.iinfo(jnp.int32).max), axis=-1, keepdims=True)
+    rows = q0 + jnp.arange(t)
+    return jnp.tile(rows[None, :] >= first, (1, g))
+
+
+def _block_forward(q, k, v, mask: Mask, keep, q0, spec: _Spec):
     """Softmax attention of one block: out ``(U, g, T, d)`` (stats dtype) and lse ``(U, g, T)``.
 
     The ``g`` query heads of a key/value head are stacked into one query axis of ``g * T`` rows, so
@@ -173,8 +227,9 @@ def _block_forward(q, k, v, valid, keep, q0, spec: _Spec):
     """
     acc = stats_dtype(q.dtype)
     u, g, t, d = q.shape
+    k, v, bad = _finite_keys(k, v)
     s = _scores(q.reshape(u, g * t, d), k, spec.scale, acc)
-    vis = _visible(q0, t, k.shape[1], 0, valid, spec.is_causal, g)
+    vis = _visible(q0, t, k.shape[1], 0, mask, spec.is_causal, g)
     if vis is not None:
         s = jnp.where(vis, s, -jnp.inf)
     top = jnp.max(s, axis=-1, keepdims=True)
@@ -186,26 +241,32 @@ def _block_forward(q, k, v, valid, keep, q0, spec: _Spec):
     safe = jnp.where(total > 0, total, 1.0)
     out = jnp.einsum("uqk,ukd->uqd", p.astype(v.dtype), v, preferred_element_type=acc) / safe
     lse = jnp.where(total > 0, jnp.log(safe) + top, -jnp.inf)[..., 0]
+    poisoned = _poisoned_rows(mask, bad, q0, t, g, spec.is_causal, vis)
+    out = jnp.where(poisoned[..., None], jnp.nan, out)
+    lse = jnp.where(poisoned, jnp.nan, lse)
     return out.reshape(u, g, t, d), lse.reshape(u, g, t)
 
 
-def _block_backward(q, k, v, valid, keep, q0, lse, delta, do, spec: _Spec):
+def _block_backward(q, k, v, mask: Mask, keep, q0, lse, delta, do, spec: _Spec):
     """Gradients of one block, all from the saved log-sum-exp.
 
     Computed key-major (``S^T`` is ``(U, K, g * T)``), so that every product contracts the minor axis
     of its left operand: ``dV = P^T dO``, ``dK = dS^T Q`` and ``dQ^T = K^T dS^T`` (returned as
     ``(U, d, g, T)``; the caller transposes it once, outside the loop). XLA:CPU runs a product that
-    contracts a major axis of its left operand several times slower.
+    contracts a major axis of its left operand several times slower. Non-finite keys/values are
+    zeroed as in the forward pass (their rows' saved log-sum-exp is NaN, which keeps those rows' own
+    gradients NaN without touching anyone else's).
     """
     acc = stats_dtype(q.dtype)
     u, g, t, d = q.shape
     kk = k.shape[1]
+    k, v, _ = _finite_keys(k, v)
     scale = jnp.asarray(spec.scale, acc)
     qf, dof = q.reshape(u, g * t, d), do.reshape(u, g * t, d)
     st = _scores(qf, k, spec.scale, acc, keys_first=True)
-    safe_lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf).reshape(u, 1, g * t)  # no visible key: P = 0
+    safe_lse = jnp.where(jnp.isfinite(lse) | jnp.isnan(lse), lse, jnp.inf).reshape(u, 1, g * t)  # no key: P = 0
     pt = jnp.exp(st - safe_lse)
-    vis = _visible(q0, t, kk, 0, valid, spec.is_causal, g)
+    vis = _visible(q0, t, kk, 0, mask, spec.is_causal, g)
     if vis is not None:
         pt = jnp.where(jnp.swapaxes(vis, 1, 2), pt, 0.0)
     dpt = jnp.einsum("ukd,uqd->ukq", v, dof, preferred_element_type=acc)
@@ -227,7 +288,7 @@ def _block_backward(q, k, v, valid, keep, q0, lse, delta, do, spec: _Spec):
 # The unit path: whole units per step.
 
 
-def _unit_forward(q, k, v, valid, keys, heads, spec: _Spec):
+def _unit_forward(q, k, v, mask: Mask, keys, heads, spec: _Spec):
     """One step of whole units. q (U, g, m, d), k/v (U, mk, d) -> out (U, g, m, d), lse (U, g, m).
 
     The step draws its dropout keep-mask once (one random-bits computation per step keeps compile
@@ -236,44 +297,30 @@ def _unit_forward(q, k, v, valid, keys, heads, spec: _Spec):
     m, mk = q.shape[2], k.shape[1]
     keep = None if keys is None else _keep(keys, heads, jnp.arange(m), mk, spec.dropout_rate)
     if not spec.is_causal:
-        return _block_forward(q, k, v, valid, keep, 0, spec)
+        return _block_forward(q, k, v, mask, keep, 0, spec)
     outs, lses = [], []
     for a, b in _causal_bounds(m, spec.tiling):
         e = min(b, mk)
-        o, l = _block_forward(
-            q[:, :, a:b],
-            k[:, :e],
-            v[:, :e],
-            None if valid is None else valid[:, :e],
-            None if keep is None else keep[:, :, a:b, :e],
-            a,
-            spec,
-        )
+        tile_keep = None if keep is None else keep[:, :, a:b, :e]
+        o, l = _block_forward(q[:, :, a:b], k[:, :e], v[:, :e], mask.block(a, b, e), tile_keep, a, spec)
         outs.append(o)
         lses.append(l)
     return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
 
 
-def _unit_backward(q, k, v, valid, keys, heads, lse, delta, do, spec: _Spec):
+def _unit_backward(q, k, v, mask: Mask, keys, heads, lse, delta, do, spec: _Spec):
     """Gradients of one step of whole units: dq^T (U, d, g, m), dk, dv (U, mk, d)."""
     m, mk = q.shape[2], k.shape[1]
     keep = None if keys is None else _keep(keys, heads, jnp.arange(m), mk, spec.dropout_rate)
     if not spec.is_causal:
-        return _block_backward(q, k, v, valid, keep, 0, lse, delta, do, spec)
+        return _block_backward(q, k, v, mask, keep, 0, lse, delta, do, spec)
     dqts, dk, dv = [], None, None
     for a, b in _causal_bounds(m, spec.tiling):
         e = min(b, mk)
+        tile_keep = None if keep is None else keep[:, :, a:b, :e]
+        rows = (lse[:, :, a:b], delta[:, :, a:b], do[:, :, a:b])
         dqt, dki, dvi = _block_backward(
-            q[:, :, a:b],
-            k[:, :e],
-            v[:, :e],
-            None if valid is None else valid[:, :e],
-            None if keep is None else keep[:, :, a:b, :e],
-            a,
-            lse[:, :, a:b],
-            delta[:, :, a:b],
-            do[:, :, a:b],
-            spec,
+            q[:, :, a:b], k[:, :e], v[:, :e], mask.block(a, b, e), tile_keep, a, *rows, spec
         )
         pad = [(0, 0), (0, mk - e), (0, 0)]
         dki, dvi = jnp.pad(dki, pad), jnp.pad(dvi, pad)
@@ -281,6 +328,26 @@ def _unit_backward(q, k, v, valid, keys, heads, lse, delta, do, spec: _Spec):
         dv = dvi if dv is None else dv + dvi
         dqts.append(dqt)
     return jnp.concatenate(dqts, axis=3), dk, dv
+
+
+def _skip_empty(fn, mask: Mask, zeros):
+    """``fn`` guarded by a ``lax.cond``: a step whose units have no visible key returns ``zeros()``.
+
+    Steps of wholly masked units (fully padded rows, the empty rows of packed documents) then cost
+    nothing. Without a key mask every step has keys, and ``fn`` runs unguarded.
+    """
+    if mask.valid is None:
+        return fn
+
+    def guarded(*args):
+        has_keys = jnp.any(args[3].valid)
+        # `zeros` is offset by an exact 0 derived from the predicate, so that both branches carry the
+        # same varying-ness under shard_map (ring attention): an output made from constants alone would not.
+        zero = jnp.asarray(has_keys, jnp.float32) * 0
+        empty = lambda a: jax.tree.map(lambda x: x + zero.astype(x.dtype), zeros(*a))  # noqa: E731
+        return jax.lax.cond(has_keys, lambda a: fn(*a), empty, args)
+
+    return guarded
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,15 +378,45 @@ def _key_tiles_needed(i, tq: int, tk: int, nk: int, mk: int, is_causal: bool):
     return jnp.clip(last // tk + 1, 0, nk)
 
 
-def _long_forward_row(q, k, v, valid, key, heads, spec: _Spec):
-    """One unit walked in tiles. q (g, m, d), k/v (mk, d), valid (mk,) -> out (g, m, d), lse (g, m)."""
+class _LongRow(NamedTuple):
+    """One unit's keys, values and mask padded to whole key tiles (the long-row path's operands)."""
+
+    k: Array  # (nk * tk, d), non-finite keys/values zeroed
+    v: Array
+    valid: Array  # (nk * tk,), False on the padding
+    bad: Array  # (nk * tk,), the keys whose key or value is non-finite
+    q_ids: Array | None  # (nq * tq,)
+    k_ids: Array | None  # (nk * tk,)
+
+    @classmethod
+    def pad(cls, k, v, mask: Mask, nq: int, tq: int, nk: int, tk: int) -> _LongRow:
+        mk = k.shape[0]
+        k, v, bad = _finite_keys(k, v)
+        valid = jnp.ones((mk,), bool) if mask.valid is None else mask.valid
+        ids: tuple[Array | None, Array | None] = (None, None)
+        if mask.q_ids is not None and mask.k_ids is not None:
+            ids = (_pad_to(mask.q_ids, 0, nq * tq, -1), _pad_to(mask.k_ids, 0, nk * tk, -2))
+        size = nk * tk
+        return cls(
+            _pad_to(k, 0, size), _pad_to(v, 0, size), _pad_to(valid, 0, size, False), _pad_to(bad, 0, size, False), *ids
+        )
+
+    def tile(self, i, tq: int, j, tk: int) -> tuple[Array, Array, Mask, Array]:
+        """Key tile ``j`` (k, v, with a leading unit axis of 1), its mask against query tile ``i``, its bad keys."""
+        cut = lambda x: jax.lax.dynamic_slice_in_dim(x, j * tk, tk)[None]
+        q_ids = None if self.q_ids is None else jax.lax.dynamic_slice_in_dim(self.q_ids, i * tq, tq)[None]
+        k_ids = None if self.k_ids is None else cut(self.k_ids)
+        return cut(self.k), cut(self.v), Mask(cut(self.valid), q_ids, k_ids), cut(self.bad)
+
+
+def _long_forward_row(q, k, v, mask: Mask, key, heads, spec: _Spec):
+    """One unit walked in tiles. q (g, m, d), k/v (mk, d), mask of (mk,) keys -> out (g, m, d), lse (g, m)."""
     acc = stats_dtype(q.dtype)
     g, m, d = q.shape
     mk = k.shape[0]
     tq, tk, nq, nk = _long_plan(m, mk, spec.tiling)
     qp = _pad_to(q, 1, nq * tq)
-    kp, vp = _pad_to(k, 0, nk * tk), _pad_to(v, 0, nk * tk)
-    validp = _pad_to(jnp.ones((mk,), bool) if valid is None else valid, 0, nk * tk, False)
+    row = _LongRow.pad(k, v, mask, nq, tq, nk, tk)
     inv = jnp.asarray(1.0 / (1.0 - spec.dropout_rate), acc)
 
     def query_tile(i):
@@ -331,14 +428,12 @@ def _long_forward_row(q, k, v, valid, key, heads, spec: _Spec):
             ).reshape(1, g * tq, nk * tk)
 
         def body(j, carry):
-            o, top, total = carry
-            kj = jax.lax.dynamic_slice_in_dim(kp, j * tk, tk)[None]
-            vj = jax.lax.dynamic_slice_in_dim(vp, j * tk, tk)[None]
+            o, top, total, poisoned = carry
+            kj, vj, tile_mask, bad = row.tile(i, tq, j, tk)
             s = _scores(qi, kj, spec.scale, acc)
-            vis = _visible(
-                i * tq, tq, tk, j * tk, jax.lax.dynamic_slice_in_dim(validp, j * tk, tk)[None], spec.is_causal, g
-            )
+            vis = _visible(i * tq, tq, tk, j * tk, tile_mask, spec.is_causal, g)
             s = jnp.where(vis, s, -jnp.inf)
+            poisoned = poisoned | jnp.any(vis & bad[:, None, :], axis=-1)
             new_top = jnp.maximum(top, jnp.max(s, axis=-1))
             shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
             p = jnp.exp(s - shift[..., None])
@@ -347,13 +442,15 @@ def _long_forward_row(q, k, v, valid, key, heads, spec: _Spec):
             if keep_row is not None:
                 p = jnp.where(jax.lax.dynamic_slice_in_dim(keep_row, j * tk, tk, axis=2), p * inv, 0.0)
             o = o * fade[..., None] + jnp.einsum("uqk,ukd->uqd", p.astype(v.dtype), vj, preferred_element_type=acc)
-            return o, new_top, total
+            return o, new_top, total, poisoned
 
-        init = (jnp.zeros((1, g * tq, d), acc), jnp.full((1, g * tq), -jnp.inf, acc), jnp.zeros((1, g * tq), acc))
-        o, top, total = jax.lax.fori_loop(0, _key_tiles_needed(i, tq, tk, nk, mk, spec.is_causal), body, init)
+        rows = (1, g * tq)
+        init = (jnp.zeros((*rows, d), acc), jnp.full(rows, -jnp.inf, acc), jnp.zeros(rows, acc), jnp.zeros(rows, bool))
+        o, top, total, poisoned = jax.lax.fori_loop(0, _key_tiles_needed(i, tq, tk, nk, mk, spec.is_causal), body, init)
         safe = jnp.where(total > 0, total, 1.0)
-        lse = jnp.where(total > 0, jnp.log(safe) + top, -jnp.inf)
-        return (o / safe[..., None]).reshape(g, tq, d), lse.reshape(g, tq)
+        lse = jnp.where(poisoned, jnp.nan, jnp.where(total > 0, jnp.log(safe) + top, -jnp.inf))
+        o = jnp.where(poisoned[..., None], jnp.nan, o / safe[..., None])
+        return o.reshape(g, tq, d), lse.reshape(g, tq)
 
     out, lse = jax.lax.map(query_tile, jnp.arange(nq))  # (nq, g, tq, d), (nq, g, tq)
     out = jnp.moveaxis(out, 0, 1).reshape(g, nq * tq, d)[:, :m]
@@ -361,7 +458,7 @@ def _long_forward_row(q, k, v, valid, key, heads, spec: _Spec):
     return out, lse
 
 
-def _long_backward_row(q, k, v, valid, key, heads, lse, delta, do, spec: _Spec):
+def _long_backward_row(q, k, v, mask: Mask, key, heads, lse, delta, do, spec: _Spec):
     """Gradients of one unit walked in tiles: dq (g, m, d), dk, dv (mk, d).
 
     Two passes, each accumulating in its loop carry: key tiles outer for dK and dV (inner over the
@@ -375,26 +472,22 @@ def _long_backward_row(q, k, v, valid, key, heads, lse, delta, do, spec: _Spec):
     mk = k.shape[0]
     tq, tk, nq, nk = _long_plan(m, mk, spec.tiling)
     qp, dop = _pad_to(q, 1, nq * tq), _pad_to(do, 1, nq * tq)
-    lsep = _pad_to(jnp.where(jnp.isfinite(lse), lse, jnp.inf), 1, nq * tq, jnp.inf)
+    lsep = _pad_to(jnp.where(jnp.isfinite(lse) | jnp.isnan(lse), lse, jnp.inf), 1, nq * tq, jnp.inf)
     deltap = _pad_to(delta, 1, nq * tq)
-    kp, vp = _pad_to(k, 0, nk * tk), _pad_to(v, 0, nk * tk)
-    validp = _pad_to(jnp.ones((mk,), bool) if valid is None else valid, 0, nk * tk, False)
+    row = _LongRow.pad(k, v, mask, nq, tq, nk, tk)
 
     def keep_row(i):
         """Query tile i's keep-mask over every key, ``(1, g * tq, nk * tk)`` (None without dropout)."""
         if key is None:
             return None
-        row = _keep(key[None], heads[None], i * tq + jnp.arange(tq), mk, spec.dropout_rate)
-        return _pad_to(row, 3, nk * tk, False).reshape(1, g * tq, nk * tk)
+        bits = _keep(key[None], heads[None], i * tq + jnp.arange(tq), mk, spec.dropout_rate)
+        return _pad_to(bits, 3, nk * tk, False).reshape(1, g * tq, nk * tk)
 
     def tiles(i, j, keep_i):
         """Query tile i (queries stacked over the g heads) and key tile j, each with a leading axis of 1."""
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * tq, tq, axis=1).reshape(1, g * tq, *x.shape[2:])
-        kj = jax.lax.dynamic_slice_in_dim(kp, j * tk, tk)[None]
-        vj = jax.lax.dynamic_slice_in_dim(vp, j * tk, tk)[None]
-        vis = _visible(
-            i * tq, tq, tk, j * tk, jax.lax.dynamic_slice_in_dim(validp, j * tk, tk)[None], spec.is_causal, g
-        )
+        kj, vj, tile_mask, _ = row.tile(i, tq, j, tk)
+        vis = _visible(i * tq, tq, tk, j * tk, tile_mask, spec.is_causal, g)
         keep = None if keep_i is None else jax.lax.dynamic_slice_in_dim(keep_i, j * tk, tk, axis=2)
         return take(qp), take(dop), take(lsep), take(deltap), kj, vj, vis, keep
 
@@ -481,23 +574,34 @@ def _unit_keys(rng, batch: int, hk: int, g: int):
     return keys, heads
 
 
-def _forward(q, k, v, valid, rng, spec: _Spec):
+def _unit_mask(mask: Mask, hk: int) -> Mask:
+    """The ``(B, ...)`` mask repeated for the ``h_kv`` units of each batch row."""
+    return Mask(*(None if x is None else jnp.repeat(x, hk, axis=0) for x in mask))
+
+
+def _forward(q, k, v, mask: Mask, rng, spec: _Spec):
     b, hk, g, m, d = q.shape
     mk = k.shape[2]
     units = b * hk
+    acc = stats_dtype(q.dtype)
     qu, ku, vu = q.reshape(units, g, m, d), k.reshape(units, mk, d), v.reshape(units, mk, d)
-    vu_valid = None if valid is None else jnp.repeat(valid, hk, axis=0)
     keys, heads = (None, None) if rng is None else _unit_keys(rng, b, hk, g)
+    args = (qu, ku, vu, _unit_mask(mask, hk), keys, heads)
     per_step = _units_per_step(g, m, mk, spec)
     if per_step:
-        out, lse = _walk(functools.partial(_unit_forward, spec=spec), per_step, (qu, ku, vu, vu_valid, keys, heads))
+
+        def empty(q, *_):
+            return jnp.zeros(q.shape, acc), jnp.full(q.shape[:3], -jnp.inf, acc)
+
+        fn = _skip_empty(functools.partial(_unit_forward, spec=spec), args[3], empty)
+        out, lse = _walk(fn, per_step, args)
     else:
         row = functools.partial(_long_forward_row, spec=spec)
-        out, lse = jax.lax.map(lambda a: row(*a), (qu, ku, vu, vu_valid, keys, heads))
+        out, lse = jax.lax.map(lambda a: row(*a), args)
     return out.reshape(b, hk, g, m, d), lse.reshape(b, hk, g, m)
 
 
-def _backward(q, k, v, valid, rng, out, lse, dout, dlse, spec: _Spec):
+def _backward(q, k, v, mask: Mask, rng, out, lse, dout, dlse, spec: _Spec):
     b, hk, g, m, d = q.shape
     mk = k.shape[2]
     acc = stats_dtype(q.dtype)
@@ -505,22 +609,18 @@ def _backward(q, k, v, valid, rng, out, lse, dout, dlse, spec: _Spec):
     delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse.astype(acc)
     do = dout.astype(q.dtype)  # the products run in the input dtype, accumulating in `acc`
     qu, ku, vu = q.reshape(units, g, m, d), k.reshape(units, mk, d), v.reshape(units, mk, d)
-    vu_valid = None if valid is None else jnp.repeat(valid, hk, axis=0)
     keys, heads = (None, None) if rng is None else _unit_keys(rng, b, hk, g)
-    args = (
-        qu,
-        ku,
-        vu,
-        vu_valid,
-        keys,
-        heads,
-        lse.reshape(units, g, m),
-        delta.reshape(units, g, m),
-        do.reshape(units, g, m, d),
-    )
+    rows = (lse.reshape(units, g, m), delta.reshape(units, g, m), do.reshape(units, g, m, d))
+    args = (qu, ku, vu, _unit_mask(mask, hk), keys, heads, *rows)
     per_step = _units_per_step(g, m, mk, spec)
     if per_step:
-        dqt, dk, dv = _walk(functools.partial(_unit_backward, spec=spec), per_step, args)
+
+        def empty(q, k, *_):
+            u = q.shape[0]
+            return jnp.zeros((u, d, g, m), acc), jnp.zeros(k.shape, acc), jnp.zeros(k.shape, acc)
+
+        fn = _skip_empty(functools.partial(_unit_backward, spec=spec), args[3], empty)
+        dqt, dk, dv = _walk(fn, per_step, args)
         dq = jnp.transpose(dqt, (0, 2, 3, 1))
     else:
         row = functools.partial(_long_backward_row, spec=spec)
@@ -533,19 +633,19 @@ def _backward(q, k, v, valid, rng, out, lse, dout, dlse, spec: _Spec):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, valid, rng, spec):
-    return _forward(q, k, v, valid, rng, spec)
+def _flash(q, k, v, mask, rng, spec):
+    return _forward(q, k, v, mask, rng, spec)
 
 
-def _flash_fwd(q, k, v, valid, rng, spec):
-    out, lse = _forward(q, k, v, valid, rng, spec)
-    return (out, lse), (q, k, v, valid, rng, out, lse)
+def _flash_fwd(q, k, v, mask, rng, spec):
+    out, lse = _forward(q, k, v, mask, rng, spec)
+    return (out, lse), (q, k, v, mask, rng, out, lse)
 
 
 def _flash_bwd(spec, residuals, cotangents):
-    q, k, v, valid, rng, out, lse = residuals
+    q, k, v, mask, rng, out, lse = residuals
     dout, dlse = cotangents
-    dq, dk, dv = _backward(q, k, v, valid, rng, out, lse, dout, dlse, spec)
+    dq, dk, dv = _backward(q, k, v, mask, rng, out, lse, dout, dlse, spec)
     return dq, dk, dv, None, None
 
 
@@ -560,6 +660,8 @@ def flash_attention(
     scale: float,
     is_causal: bool = False,
     kv_valid: Array | None = None,
+    q_ids: Array | None = None,
+    kv_ids: Array | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     tiling: Tiling | None = None,
@@ -573,6 +675,8 @@ def flash_attention(
       scale: multiplies the scores ``q . k``.
       is_causal: query ``p`` sees key ``p' <= p`` (top-left aligned).
       kv_valid: optional ``(B, mk)`` boolean, False for keys nobody may see.
+      q_ids, kv_ids: optional ``(B, m)`` and ``(B, mk)`` integers, given together: query ``i`` sees
+        key ``j`` only when ``q_ids[i] == kv_ids[j]`` (several packed sequences in one row).
       dropout_rate: probability of dropping an attention weight (kept weights scaled by
         ``1 / (1 - rate)``; the log-sum-exp is that of the undropped weights).
       dropout_rng: PRNG key, required when ``dropout_rate > 0``. The weight of query ``p`` of head
@@ -598,7 +702,7 @@ def flash_attention(
     qh = q.reshape(b, m, hk, g, d).transpose(0, 2, 3, 1, 4)  # (b, h_kv, g, m, d)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, h_kv, mk, d)
     rng = dropout_rng if dropout_rate > 0.0 else None
-    out, lse = _flash(qh, kh, vh, kv_valid, rng, spec)
+    out, lse = _flash(qh, kh, vh, Mask(kv_valid, q_ids, kv_ids), rng, spec)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, m, h, d)
     lse = lse.transpose(0, 3, 1, 2).reshape(b, m, h)
     return out, lse
@@ -612,6 +716,8 @@ def reference_attention(
     scale: float,
     is_causal: bool = False,
     kv_valid: Array | None = None,
+    q_ids: Array | None = None,
+    kv_ids: Array | None = None,
 ) -> tuple[Array, Array]:
     """The plain unblocked form of :func:`flash_attention` (every score at once, plain autodiff).
 
@@ -629,6 +735,8 @@ def reference_attention(
     vis = vis[None, None]
     if kv_valid is not None:
         vis = vis & kv_valid[:, None, None, :]
+    if q_ids is not None and kv_ids is not None:
+        vis = vis & (q_ids[:, None, :, None] == kv_ids[:, None, None, :])
     s = jnp.where(vis, s, -jnp.inf)
     top = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
     top = jnp.where(jnp.isfinite(top), top, 0.0)

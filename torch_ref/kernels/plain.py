@@ -18,6 +18,32 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def finite_keys(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(k, v)`` with non-finite keys/values zeroed, and the ``(B, mk, h_kv)`` mask of those keys.
+
+    The mirror of the JAX kernel's rule (semantics section 11): a non-finite key or value reaches
+    exactly the rows that see it; zeroing it first keeps it from any row that does not.
+    """
+    bad = ~(torch.isfinite(k).all(dim=-1) & torch.isfinite(v).all(dim=-1))
+    return k.masked_fill(bad[..., None], 0.0), v.masked_fill(bad[..., None], 0.0), bad
+
+
+def poison(out: Tensor, lse: Tensor | None, visible: Tensor | None, bad: Tensor) -> tuple[Tensor, Tensor | None]:
+    """NaN in the rows of ``out`` ``(B, m, h, d)`` (and ``lse`` ``(B, m, h)``) that see a key marked in ``bad``.
+
+    ``visible`` broadcasts to ``(B, 1, m, mk)`` (None: every key visible); ``bad`` is ``(B, mk, h_kv)``;
+    query head ``j`` uses kv head ``j // (h / h_kv)``.
+    """
+    if not bool(bad.any()):
+        return out, lse
+    b, m, h, _ = out.shape
+    bad_h = bad.repeat_interleave(h // bad.shape[2], dim=2).permute(0, 2, 1)[:, :, None, :]  # (B, h, 1, mk)
+    seen = bad_h if visible is None else visible & bad_h
+    rows = seen.any(dim=-1).transpose(1, 2)  # (B, m, h)
+    out = out.masked_fill(rows[..., None], float("nan"))
+    return out, None if lse is None else lse.masked_fill(rows, float("nan"))
+
+
 def attend(
     q: Tensor,
     k: Tensor,
@@ -32,7 +58,8 @@ def attend(
 
     Args:
       q: ``(B, m, h, d)`` queries.
-      k, v: ``(B, mk, h, d)`` keys and values.
+      k, v: ``(B, mk, h_kv, d)`` keys and values, ``h`` a multiple of ``h_kv`` (query head ``j`` uses
+        kv head ``j // (h / h_kv)``; k and v are not repeated).
       scale: multiplies the scores ``q . k``.
       is_causal: query ``p`` sees key ``p' <= p`` (top-left aligned).
       kv_valid: optional ``(B, mk)`` boolean, False for keys nobody may see.
@@ -44,8 +71,11 @@ def attend(
       ``lse`` ``(B, m, h)``, the log-sum-exp of the row's scaled scores (``-inf`` for such a row).
     """
     acc = stats_dtype(q.dtype)
-    s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) * scale
-    m, mk = q.shape[1], k.shape[1]
+    b, m, h, d = q.shape
+    mk, hk = k.shape[1], k.shape[2]
+    k, v, bad = finite_keys(k, v)
+    qg = q.to(acc).reshape(b, m, hk, h // hk, d)
+    s = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.to(acc)).reshape(b, h, m, mk) * scale
     visible = None
     if is_causal:
         visible = torch.ones(m, mk, dtype=torch.bool, device=q.device).tril()[None, None]
@@ -62,6 +92,9 @@ def attend(
         p = F.dropout(p, dropout_p, training=True)
     has_key = denom > 0
     safe = torch.where(has_key, denom, torch.ones((), dtype=acc, device=q.device))
-    out = torch.einsum("bhqk,bkhd->bqhd", p / safe, v.to(acc))
+    pg = (p / safe).reshape(b, hk, h // hk, m, mk)
+    out = torch.einsum("bhgqk,bkhd->bqhgd", pg, v.to(acc)).reshape(b, m, h, d)
     lse = torch.where(has_key, torch.log(safe) + row_max, torch.full((), float("-inf"), dtype=acc, device=q.device))
-    return out, lse[..., 0].transpose(1, 2)
+    out, lse_t = poison(out, lse[..., 0].transpose(1, 2), visible, bad)
+    assert lse_t is not None
+    return out, lse_t

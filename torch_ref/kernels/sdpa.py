@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torch_ref.kernels.plain import stats_dtype
+from torch_ref.kernels.plain import finite_keys, poison, stats_dtype
 
 Tensor = torch.Tensor
 
@@ -41,13 +41,15 @@ def _chunked_lse(q: Tensor, k: Tensor, valid: Tensor | None, *, scale: float, is
     acc = stats_dtype(q.dtype)
     bsz, m, h, _ = q.shape
     chunk = max(1, min(m, _LSE_CHUNK_ELEMENTS // max(1, bsz * h * m)))
-    qt = (q.to(acc) * scale).transpose(1, 2).contiguous()  # (B, h, m, d)
-    kt = k.to(acc).permute(0, 2, 3, 1).contiguous()  # (B, h, d, m)
+    hk = k.shape[2]
+    # grouped-query heads: (B, h_kv, g, m, d) queries against (B, h_kv, 1, d, m) keys, broadcast, not repeated
+    qt = (q.to(acc) * scale).reshape(bsz, m, hk, h // hk, -1).permute(0, 2, 3, 1, 4).contiguous()
+    kt = k.to(acc).permute(0, 2, 3, 1)[:, :, None]
     pieces = []
     for a in range(0, m, chunk):
         e = min(m, a + chunk)
         hi = e if is_causal else m  # causal: keys beyond the chunk's last query are never visible
-        s = torch.matmul(qt[:, :, a:e], kt[..., :hi])  # (B, h, c, hi)
+        s = torch.matmul(qt[:, :, :, a:e], kt[..., :hi]).reshape(bsz, h, e - a, hi)  # (B, h, c, hi)
         visible = None
         if is_causal:
             visible = torch.arange(a, e, device=q.device)[:, None] >= torch.arange(hi, device=q.device)[None, :]
@@ -77,11 +79,14 @@ def sdpa_attention(
     dropout_p: float,
     need_lse: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """SDPA on ``(B, m, h, d)`` tensors (strided views are fine): out ``(B, m, h, d)`` and lse or None.
+    """SDPA on ``(B, m, h, d)`` queries and ``(B, m, h_kv, d)`` keys/values: out and lse or None.
 
-    ``kv_valid``: optional ``(B, m)`` boolean, False for keys nobody may see; a row with no visible key
-    gets 0. ``need_lse``: also return the ``(B, m, h)`` log-sum-exp (``-inf`` for such a row).
+    Strided views are fine. Grouped-query heads go to SDPA as they are (``enable_gqa``: query head
+    ``j`` uses kv head ``j // (h / h_kv)``). ``kv_valid``: optional ``(B, m)`` boolean, False for keys
+    nobody may see; a row with no visible key gets 0. ``need_lse``: also return the ``(B, m, h)``
+    log-sum-exp (``-inf`` for such a row). Non-finite keys/values reach exactly the rows that see them.
     """
+    k, v, bad = finite_keys(k, v)
     mask, empty = None, None
     if kv_valid is not None:
         mask, empty = _visibility(kv_valid, is_causal)
@@ -93,8 +98,15 @@ def sdpa_attention(
         dropout_p=dropout_p,
         is_causal=is_causal and mask is None,
         scale=scale,
+        enable_gqa=k.shape[2] != q.shape[2],
     ).transpose(1, 2)  # (B, m, h, d)
     if empty is not None:
         o = o.masked_fill(empty[:, :, None, None], 0.0)
     lse = _chunked_lse(q, k, kv_valid, scale=scale, is_causal=is_causal) if need_lse else None
-    return o, lse
+    visible = None
+    if bool(bad.any()):
+        m, mk = q.shape[1], k.shape[1]
+        visible = torch.ones(m, mk, dtype=torch.bool, device=q.device).tril()[None, None] if is_causal else None
+        if kv_valid is not None:
+            visible = kv_valid[:, None, None, :] if visible is None else visible & kv_valid[:, None, None, :]
+    return poison(o, lse, visible, bad)
