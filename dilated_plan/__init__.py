@@ -9,7 +9,7 @@ not use it, so it checks the plan as well. docs/semantics.md states what the pla
 """
 
 from dilated_plan.blocks import PATTERNS, BlockTables, block_budget, block_layout, block_tables, check_block_options
-from dilated_plan.config import MERGES, Branch, DilatedConfig, ModuleOptions, default_scale
+from dilated_plan.config import MERGES, Branch, DilatedConfig, Heads, ModuleOptions, default_scale
 from dilated_plan.ring import ring_plan
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "BlockTables",
     "Branch",
     "DilatedConfig",
+    "Heads",
     "ModuleOptions",
     "block_budget",
     "block_layout",

@@ -148,3 +148,27 @@ def check_document_ids(ids: Any, batch: int, n: int, is_integer) -> None:
         )
     if not is_integer(ids):
         raise TypeError(f"document_ids has dtype {ids.dtype}; pass integers (e.g. int32), one id per position.")
+
+
+def check_generation(prompt_length: int, max_new_tokens: Any, temperature: Any, top_k: Any, vocab_size: int) -> None:
+    """Raise unless the arguments of ``LongNetLM.generate`` make sense (both frameworks)."""
+    if prompt_length < 1:
+        raise ValueError("tokens holds an empty prompt; generation needs at least one token per row (e.g. a BOS id).")
+    if (
+        isinstance(max_new_tokens, (bool, np.bool_))
+        or not isinstance(max_new_tokens, (int, np.integer))
+        or max_new_tokens < 0
+    ):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} should be an integer >= 0.")
+    if (
+        isinstance(temperature, (bool, np.bool_))
+        or not isinstance(temperature, numbers.Real)
+        or not (math.isfinite(temperature) and float(temperature) >= 0)
+    ):
+        raise ValueError(f"temperature={temperature!r} should be a finite number >= 0 (0 is greedy decoding).")
+    if top_k is not None and (
+        isinstance(top_k, (bool, np.bool_))
+        or not isinstance(top_k, (int, np.integer))
+        or not 1 <= int(top_k) <= vocab_size
+    ):
+        raise ValueError(f"top_k={top_k!r} should be None or an integer in [1, vocab_size={vocab_size}].")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
-from dilated_plan.checks import as_int_tuple, check_dropout_rate
+from dilated_plan.checks import as_int_tuple, check_dropout_rate, check_heads, check_positive_int
 
 MERGES = ("head_partition", "lse")
 
@@ -100,6 +101,29 @@ class DilatedConfig:
                     f"{math.lcm(*self.segment_lengths)} or choose segment lengths that divide {n}."
                 )
 
+    @property
+    def period(self) -> int:
+        """``lcm(s_0, ..., s_{G-1})``: the positions where a segment of every group starts are its multiples."""
+        return math.lcm(*self.segment_lengths)
+
+    def check_cache_length(self, max_length: Any) -> int:
+        """``max_length`` of a decoding cache, checked: a positive multiple of :attr:`period`.
+
+        A decode step reads the cache in windows that start at segment boundaries, so the cache must
+        end at one for every group (semantics section 12).
+
+        >>> DilatedConfig((4, 6), (1, 2)).check_cache_length(24)
+        24
+        """
+        n = check_positive_int("max_length", max_length)
+        if n % self.period:
+            use = -(-n // self.period) * self.period
+            raise ValueError(
+                f"max_length={n} is not a multiple of {self.period}, the least common multiple of "
+                f"segment_lengths={self.segment_lengths}; use max_length={use}."
+            )
+        return n
+
     def check_heads(self, num_heads: int) -> None:
         """Raise ValueError if ``head_partition`` has fewer heads than groups."""
         if self.merge == "head_partition" and num_heads < self.num_groups:
@@ -147,6 +171,7 @@ class ModuleOptions:
       layer_norm: whether the MAGNETO sub-LayerNorm normalises the attention output.
       layer_norm_eps: its epsilon.
       gamma_init: xavier gain of ``v_proj`` and ``out_proj``.
+      rope_theta: base of the rotary position embedding of q and k (None: no rotary embedding).
     """
 
     dropout: float = 0.0
@@ -154,6 +179,7 @@ class ModuleOptions:
     layer_norm: bool = True
     layer_norm_eps: float = 1e-5
     gamma_init: float = 1.0
+    rope_theta: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dropout", check_dropout_rate(self.dropout))
@@ -162,6 +188,51 @@ class ModuleOptions:
                 raise TypeError(f"{name}={getattr(self, name)!r} should be a bool (True or False).")
         object.__setattr__(self, "layer_norm_eps", float(self.layer_norm_eps))
         object.__setattr__(self, "gamma_init", float(self.gamma_init))
+        if self.rope_theta is not None:
+            theta = self.rope_theta
+            if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not math.isfinite(theta) or theta <= 1:
+                raise ValueError(f"rope_theta={theta!r} should be a finite number > 1 (e.g. 10000.0), or None.")
+            object.__setattr__(self, "rope_theta", float(theta))
+
+
+@dataclasses.dataclass(frozen=True)
+class Heads:
+    """The head layout of a multi-head module: ``E = h * d``, ``h_kv`` key/value heads (validated).
+
+    >>> Heads(512, 8, 2).head_dim, Heads(512, 8, 2).kv_dim
+    (64, 128)
+    """
+
+    embed_dim: int
+    num_heads: int
+    num_kv_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        embed_dim, num_heads = check_heads(self.embed_dim, self.num_heads)
+        kv = num_heads if self.num_kv_heads is None else check_positive_int("num_kv_heads", self.num_kv_heads)
+        if num_heads % kv:
+            raise ValueError(
+                f"num_heads={num_heads} is not a multiple of num_kv_heads={kv}; each key/value head serves "
+                f"num_heads / num_kv_heads query heads: use num_kv_heads in "
+                f"{[c for c in range(1, num_heads + 1) if num_heads % c == 0]}."
+            )
+        object.__setattr__(self, "embed_dim", embed_dim)
+        object.__setattr__(self, "num_heads", num_heads)
+        object.__setattr__(self, "num_kv_heads", kv)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """``h_kv`` (``num_heads`` when ``num_kv_heads`` was None)."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of ``k_proj``/``v_proj``'s output: ``h_kv * d``."""
+        return self.kv_heads * self.head_dim
 
 
 def default_scale(head_dim: int, scale: Any) -> float:

@@ -7,6 +7,7 @@ layout); modules take ``(batch, seq, embed_dim)``. docs/semantics.md says what e
 from dilated_plan import block_layout
 from jax_dilated.block_sparse import block_sparse_attention
 from jax_dilated.convert import load_torch_checkpoint, load_torch_state_dict, to_torch_state_dict
+from jax_dilated.decode import dilated_attention_decode
 from jax_dilated.dilated import dilated_attention, improved_dilated_attention
 from jax_dilated.flax_interop import dilated_attention_fn
 from jax_dilated.models import LongNetLM
@@ -27,6 +28,7 @@ __all__ = [
     "block_layout",
     "block_sparse_attention",
     "dilated_attention",
+    "dilated_attention_decode",
     "dilated_attention_fn",
     "improved_dilated_attention",
     "load_torch_checkpoint",

@@ -47,7 +47,7 @@ def validate(
 
 
 @dataclasses.dataclass(frozen=True)
-class _Call:
+class Call:
     """The static part of a call, normalised (hashable: one compiled program per distinct value)."""
 
     cfg: DilatedConfig
@@ -63,7 +63,7 @@ class _Call:
         object.__setattr__(self, "backend", resolve(self.backend))
 
 
-def _run(q, k, v, key_padding_mask, document_ids, dropout_rng, call: _Call, layout: Layout) -> Array:
+def run(q, k, v, key_padding_mask, document_ids, dropout_rng, call: Call, layout: Layout) -> Array:
     b, n, h, d = q.shape
     if n == 0:
         return jnp.zeros_like(q)
@@ -86,16 +86,16 @@ def _run(q, k, v, key_padding_mask, document_ids, dropout_rng, call: _Call, layo
 
 
 @functools.partial(jax.jit, static_argnames=("call",))
-def _standard(q, k, v, key_padding_mask, document_ids, dropout_rng, call: _Call) -> Array:
-    return _run(q, k, v, key_padding_mask, document_ids, dropout_rng, call, Layout(strided=False))
+def _standard(q, k, v, key_padding_mask, document_ids, dropout_rng, call: Call) -> Array:
+    return run(q, k, v, key_padding_mask, document_ids, dropout_rng, call, Layout(strided=False))
 
 
 @functools.partial(jax.jit, static_argnames=("call",))
-def _improved(q, k, v, key_padding_mask, document_ids, dropout_rng, call: _Call) -> Array:
-    return _run(q, k, v, key_padding_mask, document_ids, dropout_rng, call, Layout(strided=True))
+def _improved(q, k, v, key_padding_mask, document_ids, dropout_rng, call: Call) -> Array:
+    return run(q, k, v, key_padding_mask, document_ids, dropout_rng, call, Layout(strided=True))
 
 
-def _checked(q, k, v, key_padding_mask, document_ids, dropout_rng, call: _Call) -> tuple:
+def _checked(q, k, v, key_padding_mask, document_ids, dropout_rng, call: Call) -> tuple:
     """The arrays of a call of either form, validated against its configuration."""
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
     mask = None if key_padding_mask is None else jnp.asarray(key_padding_mask)
@@ -153,7 +153,7 @@ def dilated_attention(
     >>> dilated_attention(q, k, v, segment_lengths=(8, 16), dilation_rates=(1, 2)).shape
     (1, 16, 4, 8)
     """
-    call = _Call(DilatedConfig(segment_lengths, dilation_rates, merge), is_causal, scale, dropout_rate, implementation)
+    call = Call(DilatedConfig(segment_lengths, dilation_rates, merge), is_causal, scale, dropout_rate, implementation)
     return _standard(*_checked(q, k, v, key_padding_mask, document_ids, dropout_rng, call), call)
 
 
@@ -183,5 +183,5 @@ def improved_dilated_attention(
     >>> out.shape, out.dtype
     ((2, 32, 4, 8), dtype('float32'))
     """
-    call = _Call(DilatedConfig(segment_lengths, dilation_rates, merge), is_causal, scale, dropout_rate, implementation)
+    call = Call(DilatedConfig(segment_lengths, dilation_rates, merge), is_causal, scale, dropout_rate, implementation)
     return _improved(*_checked(q, k, v, key_padding_mask, document_ids, dropout_rng, call), call)

@@ -61,7 +61,8 @@ def dilated_attention_fn(
       ``attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
       dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
       promote_dtype=None, is_causal=False)`` with Flax's ``dot_product_attention`` signature, on
-      ``(b, n, h, d)`` arrays. Each argument is honoured or rejected:
+      ``(*batch, n, h, d)`` arrays (key and value may have fewer heads: grouped-query attention, as
+      ``nnx.MultiHeadAttention(num_kv_heads=...)`` gives them). Each argument is honoured or rejected:
 
       - ``mask`` only as a key-padding mask ``(b or 1, 1, 1, n)``, True = attend; ``bias`` must be None;
       - dropout (``dropout_rate > 0`` and not ``deterministic``) acts on the attention probabilities
@@ -108,11 +109,16 @@ def dilated_attention_fn(
                 "module is not None (sow_weights=True): dilated attention never forms the full "
                 "attention weights to sow; call the module with sow_weights=False."
             )
-        if query.ndim != 4:
+        if query.ndim < 4 or key.ndim != query.ndim or value.ndim != query.ndim:
             raise ValueError(
-                f"query has shape {tuple(query.shape)}; dilated_attention_fn takes 4-D "
-                f"(batch, seq, heads, head_dim) arrays: flatten extra batch axes first."
+                f"query, key, value have shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}; "
+                f"dilated_attention_fn takes (*batch, seq, heads, head_dim) arrays with at least one batch axis."
             )
+        lead = query.shape[:-3]  # any number of leading batch axes: flattened into one, restored after
+        query, key, value = (x.reshape(-1, *x.shape[-3:]) for x in (query, key, value))
+        if mask is not None:
+            mask = jnp.asarray(mask)
+            mask = jnp.broadcast_to(mask, (*lead, *mask.shape[-3:])).reshape(-1, *mask.shape[-3:])
         promote = promote_dtype if promote_dtype is not None else flax_promote_dtype
         query, key, value = promote((query, key, value), dtype=dtype)
         rate = 0.0 if deterministic else float(dropout_rate)
@@ -135,8 +141,10 @@ def dilated_attention_fn(
             implementation=backend,
         )
         if name is None:
-            return core(query, key, value, **kw)
-        with jax.default_matmul_precision(name):
-            return core(query, key, value, **kw)
+            out = core(query, key, value, **kw)
+        else:
+            with jax.default_matmul_precision(name):
+                out = core(query, key, value, **kw)
+        return out.reshape(*lead, *out.shape[1:])
 
     return attention_fn

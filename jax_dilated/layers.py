@@ -66,3 +66,35 @@ class LayerNorm(nnx.Module):
         y = (xs - mean) * jax.lax.rsqrt(var + jnp.asarray(self.eps, acc))
         y = y * self.weight[...].astype(acc) + self.bias[...].astype(acc)
         return y.astype(x.dtype)
+
+
+def positions(batch: int, n: int, document_ids: Array | None = None) -> Array:
+    """``(b, n)`` position of every token: ``0 .. n-1``, or counted from its document's start."""
+    p = jnp.broadcast_to(jnp.arange(n), (batch, n))
+    if document_ids is None:
+        return p
+    new = (
+        jnp.concatenate([jnp.ones((batch, 1), bool), document_ids[:, 1:] != document_ids[:, :-1]], axis=1)
+        if n
+        else jnp.zeros((batch, 0), bool)
+    )
+    return p - jax.lax.cummax(jnp.where(new, p, 0), axis=1)
+
+
+def rotary(x: Array, pos: Array, theta: float) -> Array:
+    """The rotary position embedding of ``x`` ``(b, n, h, d)`` (``d`` even) at positions ``pos`` ``(b, n)``.
+
+    Channel pairs ``(i, i + d/2)`` rotate by ``pos * theta**(-2i/d)`` (the "rotate half" layout of
+    GPT-NeoX and Llama), computed in float32 (float64 for float64) and cast back.
+
+    >>> rotary(jnp.ones((1, 3, 2, 4), jnp.float32), positions(1, 3), 10000.0).shape
+    (1, 3, 2, 4)
+    """
+    d = x.shape[-1]
+    acc = stats_dtype(x.dtype)
+    half = d // 2
+    freqs = jnp.asarray(theta, acc) ** (-jnp.arange(half, dtype=acc) * 2 / d)
+    angles = pos.astype(acc)[..., None] * freqs  # (b, n, d/2)
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(acc), x[..., half:].astype(acc)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

@@ -21,46 +21,47 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dilated_plan import DilatedConfig, ModuleOptions, check_block_options
-from dilated_plan.checks import check_heads, default_key_value
+from dilated_plan import DilatedConfig, Heads, ModuleOptions, check_block_options
+from dilated_plan.checks import default_key_value
 from jax_dilated.block_sparse import block_sparse_attention
 from jax_dilated.checks import check_module_inputs
+from jax_dilated.decode import dilated_attention_decode
 from jax_dilated.dilated import dilated_attention, improved_dilated_attention
 from jax_dilated.kernels import Backend, resolve
-from jax_dilated.layers import LayerNorm, Linear
+from jax_dilated.layers import LayerNorm, Linear, positions, rotary
 from jax_dilated.ring import ring_dilated_attention
 
 Array = jax.Array
 
 
 class MultiheadAttentionBase(nnx.Module):
-    """Projections, sub-LayerNorm, masks and dropout shared by the multi-head modules.
+    """Projections, rotary positions, sub-LayerNorm, masks and dropout shared by the multi-head modules.
 
     Subclasses only say which core runs, by implementing :meth:`_attend`.
     """
 
     def __init__(
         self,
-        embed_dim: int,
-        num_heads: int,
+        heads: Heads,
         options: ModuleOptions,
         dtype: Any,
         param_dtype: Any,
         implementation: str | Backend | None,
         rngs: nnx.Rngs,
     ):
-        embed_dim, num_heads = check_heads(embed_dim, num_heads)
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.head_dim = embed_dim // num_heads
+        if options.rope_theta is not None and heads.head_dim % 2:
+            raise ValueError(f"rope_theta needs an even head_dim; embed_dim / num_heads = {heads.head_dim}.")
+        self.embed_dim, self.num_heads, self.num_kv_heads = heads.embed_dim, heads.num_heads, heads.kv_heads
+        self.head_dim = heads.head_dim
         self.dropout = options.dropout
+        self.rope_theta = options.rope_theta
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.implementation = resolve(implementation)
-        e, bias = embed_dim, options.bias
+        e, kv, bias = heads.embed_dim, heads.kv_dim, options.bias
         self.q_proj = Linear(e, e, bias=bias, gain=1.0, param_dtype=param_dtype, rngs=rngs)
-        self.k_proj = Linear(e, e, bias=bias, gain=1.0, param_dtype=param_dtype, rngs=rngs)
-        self.v_proj = Linear(e, e, bias=bias, gain=options.gamma_init, param_dtype=param_dtype, rngs=rngs)
+        self.k_proj = Linear(e, kv, bias=bias, gain=1.0, param_dtype=param_dtype, rngs=rngs)
+        self.v_proj = Linear(e, kv, bias=bias, gain=options.gamma_init, param_dtype=param_dtype, rngs=rngs)
         self.out_proj = Linear(e, e, bias=bias, gain=options.gamma_init, param_dtype=param_dtype, rngs=rngs)
         norm = LayerNorm(e, eps=options.layer_norm_eps, param_dtype=param_dtype) if options.layer_norm else None
         self.norm = norm if norm is not None else nnx.data(None)
@@ -68,16 +69,68 @@ class MultiheadAttentionBase(nnx.Module):
         # dropout keys come from the `dropout` stream of `rngs`.
         self.deterministic = False
         self.rngs = rngs.dropout.fork() if self.dropout > 0 else nnx.data(None)
+        # Autoregressive decoding (semantics section 12), the nnx.MultiHeadAttention names.
+        self.decode = False
+        self.cached_key: nnx.Cache | None = nnx.data(None)
+        self.cached_value: nnx.Cache | None = nnx.data(None)
+        self.cache_index: nnx.Cache | None = nnx.data(None)
 
-    def set_view(self, deterministic: bool | None = None) -> None:
-        """Used by ``nnx.view``: ``deterministic=True`` turns attention dropout off (like ``.eval()``)."""
+    def init_cache(self, input_shape: Sequence[int], dtype: Any = jnp.float32) -> None:
+        """Allocate the key/value cache for ``decode=True`` calls, empty (``cache_index`` 0).
+
+        Args:
+          input_shape: ``(b, max_length, E)`` (the shape of the whole sequence to be decoded; only
+            ``b`` and ``max_length`` are used). ``max_length`` must be a multiple of
+            ``lcm(segment_lengths)``; the error names the length to use.
+          dtype: dtype of the cached keys and values.
+
+        Sets ``cached_key``/``cached_value`` ``(b, max_length, h_kv, d)`` and ``cache_index`` ``()``
+        int32, ``nnx.Cache`` variables.
+        """
+        if len(input_shape) != 3:
+            raise ValueError(f"input_shape={tuple(input_shape)} should be (batch, max_length, embed_dim).")
+        batch, length = int(input_shape[0]), self._decode_config().check_cache_length(input_shape[1])
+        shape = (batch, length, self.num_kv_heads, self.head_dim)
+        self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
+
+    def set_view(
+        self,
+        deterministic: bool | None = None,
+        decode: bool | None = None,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        """Used by ``nnx.view``: ``deterministic=True`` turns attention dropout off (like ``.eval()``);
+        ``decode=True`` switches to cached decoding, allocating the cache (``batch_size``,
+        ``max_length``, as :meth:`init_cache`) if there is none."""
         if deterministic is not None:
             self.deterministic = bool(deterministic)
+        if decode is not None:
+            self.decode = bool(decode)
+            if self.decode and self.cached_key is None:
+                if batch_size is None or max_length is None:
+                    raise TypeError("decode=True needs batch_size and max_length to allocate the cache.")
+                dtype = self.dtype if self.dtype is not None else self.param_dtype
+                self.init_cache((batch_size, max_length, self.embed_dim), dtype)
+
+    def _decode_config(self) -> DilatedConfig:
+        """The configuration decoding follows; modules that cannot decode raise."""
+        raise ValueError(f"{type(self).__name__} has no cached decoding; use ImprovedMultiheadDilatedAttention.")
 
     def _attend(
-        self, q: Array, k: Array, v: Array, mask: Array | None, is_causal: bool, rate: float, rng: Array | None
+        self,
+        q: Array,
+        k: Array,
+        v: Array,
+        mask: Array | None,
+        docs: Array | None,
+        is_causal: bool,
+        rate: float,
+        rng: Array | None,
     ) -> Array:
-        """The core on ``(b, n, h, d)`` projections: mask, causality, dropout rate and key."""
+        """The core on ``(b, n, h, d)`` queries and ``(b, n, h_kv, d)`` keys/values."""
         raise NotImplementedError
 
     def __call__(
@@ -88,8 +141,10 @@ class MultiheadAttentionBase(nnx.Module):
         *,
         key_padding_mask: Array | None = None,
         is_causal: bool = False,
+        document_ids: Array | None = None,
         deterministic: bool | None = None,
         rngs: nnx.Rngs | nnx.RngStream | Array | None = None,
+        decode: bool | None = None,
     ) -> Array:
         """Multi-head attention of ``query`` over ``key``/``value``.
 
@@ -101,13 +156,22 @@ class MultiheadAttentionBase(nnx.Module):
           key_padding_mask: optional ``(b, n)`` boolean, True where the key is padding; padded keys get
             exactly zero weight, and a query with no visible key gets 0 before the sub-LayerNorm.
           is_causal: query ``p`` sees keys ``p' <= p`` only.
+          document_ids: optional ``(b, n)`` integers, packed documents (semantics section 10); rotary
+            positions restart at every document too.
           deterministic: disable dropout; default the module's flag (``.eval()`` or
             ``nnx.view(module, deterministic=True)`` set it, ``.train()`` clears it).
           rngs: optional ``nnx.Rngs``, ``nnx.RngStream`` or key overriding the module's dropout stream.
+          decode: causal self-attention of ``query`` ``(b, T, E)``, the next ``T >= 1`` positions, with the
+            cache of :meth:`init_cache` (default the module's flag, ``nnx.view(m, decode=True)``): writes
+            their keys/values at ``cache_index``, advances it by ``T`` and returns rows equal to those
+            of the full causal call over everything decoded so far (semantics section 12). Takes no
+            ``key``/``value``, mask, documents or dropout.
 
         Returns:
           ``(b, n, E)`` in the computation dtype (``dtype``, else the promotion of input and parameters).
         """
+        if self.decode if decode is None else decode:
+            return self._decode(query, key, value, key_padding_mask, document_ids, deterministic)
         key, value = default_key_value(query, key, value)
         check_module_inputs(query, key, value, key_padding_mask, self.embed_dim)
         dtype = self.dtype
@@ -117,11 +181,55 @@ class MultiheadAttentionBase(nnx.Module):
         rate = 0.0 if deterministic else self.dropout
         rng = self._dropout_key(rngs) if rate > 0 else None
         b, n, _ = query.shape
-        heads = (b, n, self.num_heads, self.head_dim)
-        q = self.q_proj(query.astype(dtype), dtype).reshape(heads)
-        k = self.k_proj(key.astype(dtype), dtype).reshape(heads)
-        v = self.v_proj(value.astype(dtype), dtype).reshape(heads)
-        o = self._attend(q, k, v, key_padding_mask, bool(is_causal), rate, rng).reshape(b, n, self.embed_dim)
+        q = self.q_proj(query.astype(dtype), dtype).reshape(b, n, self.num_heads, self.head_dim)
+        k = self.k_proj(key.astype(dtype), dtype).reshape(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(value.astype(dtype), dtype).reshape(b, n, self.num_kv_heads, self.head_dim)
+        if self.rope_theta is not None:
+            pos = positions(b, n, None if document_ids is None else jnp.asarray(document_ids))
+            q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
+        o = self._attend(q, k, v, key_padding_mask, document_ids, bool(is_causal), rate, rng)
+        o = o.reshape(b, n, self.embed_dim)
+        if self.norm is not None:
+            o = self.norm(o)
+        return self.out_proj(o, dtype)
+
+    def _decode(self, query, key, value, key_padding_mask, document_ids, deterministic) -> Array:
+        cfg = self._decode_config()
+        if self.cached_key is None or self.cached_value is None or self.cache_index is None:
+            raise ValueError("decode=True needs a cache: call init_cache((batch, max_length, embed_dim)) first.")
+        if key is not None or value is not None or key_padding_mask is not None or document_ids is not None:
+            raise ValueError(
+                "decode=True is causal self-attention: pass only the query (no key, value, mask or documents)."
+            )
+        if self.dropout > 0 and not (self.deterministic if deterministic is None else deterministic):
+            raise ValueError("decode=True has no dropout: call .eval() or nnx.view(module, deterministic=True) first.")
+        check_module_inputs(query, query, query, None, self.embed_dim)
+        dtype = self.dtype
+        if dtype is None:
+            dtype = jnp.result_type(query.dtype, self.param_dtype)
+        b, t, _ = query.shape
+        x = query.astype(dtype)
+        q = self.q_proj(x, dtype).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x, dtype).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, dtype).reshape(b, t, self.num_kv_heads, self.head_dim)
+        index = self.cache_index[...]
+        if self.rope_theta is not None:
+            pos = index + positions(b, t)
+            q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
+        o, self.cached_key[...], self.cached_value[...] = dilated_attention_decode(
+            q,
+            k,
+            v,
+            self.cached_key[...],
+            self.cached_value[...],
+            index,
+            segment_lengths=cfg.segment_lengths,
+            dilation_rates=cfg.dilation_rates,
+            merge=cfg.merge,
+            implementation=self.implementation,
+        )
+        self.cache_index[...] = index + t
+        o = o.reshape(b, t, self.embed_dim)
         if self.norm is not None:
             o = self.norm(o)
         return self.out_proj(o, dtype)
@@ -152,6 +260,10 @@ class MultiheadDilatedAttention(MultiheadAttentionBase):
       layer_norm: apply the MAGNETO sub-LayerNorm to the attention output before ``out_proj``.
       layer_norm_eps: its epsilon.
       gamma_init: xavier gain of ``v_proj`` and ``out_proj`` (``q_proj``/``k_proj`` use gain 1).
+      num_kv_heads: key/value heads ``h_kv`` (grouped-query attention; default ``num_heads``):
+        ``k_proj`` and ``v_proj`` map ``E -> h_kv * E / h`` (the ``nnx.MultiHeadAttention`` name).
+      rope_theta: rotary position embedding of q and k with this base (None: off), positions
+        restarting at every document when ``document_ids`` are given.
       dtype: computation dtype (default: promote input and parameter dtypes).
       param_dtype: parameter dtype.
       implementation: the attention kernel (see :func:`jax_dilated.dilated_attention`).
@@ -177,18 +289,25 @@ class MultiheadDilatedAttention(MultiheadAttentionBase):
         layer_norm_eps: float = 1e-5,
         gamma_init: float = 1.0,
         merge: str = "head_partition",
+        num_kv_heads: int | None = None,
+        rope_theta: float | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         implementation: str | Backend | None = None,
         rngs: nnx.Rngs,
     ):
-        options = ModuleOptions(dropout, bias, layer_norm, layer_norm_eps, gamma_init)
-        super().__init__(embed_dim, num_heads, options, dtype, param_dtype, implementation, rngs)
+        options = ModuleOptions(dropout, bias, layer_norm, layer_norm_eps, gamma_init, rope_theta)
+        heads = Heads(embed_dim, num_heads, num_kv_heads)
+        super().__init__(heads, options, dtype, param_dtype, implementation, rngs)
         self.config = DilatedConfig(segment_lengths, dilation_rates, merge)
         self.config.check_heads(self.num_heads)
 
-    def _attend(self, q, k, v, mask, is_causal, rate, rng):
+    def _decode_config(self) -> DilatedConfig:
+        return self.config
+
+    def _attend(self, q, k, v, mask, docs, is_causal, rate, rng):
         cfg, kw = self.config, dict(dropout_rate=rate, dropout_rng=rng, implementation=self.implementation)
+        kw["document_ids"] = docs
         return self._core(
             q,
             k,
@@ -242,6 +361,8 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         layer_norm_eps: float = 1e-5,
         gamma_init: float = 1.0,
         merge: str = "head_partition",
+        num_kv_heads: int | None = None,
+        rope_theta: float | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         implementation: str | Backend | None = None,
@@ -252,14 +373,17 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
                 f"dropout={dropout}: ring attention has no dropout; pass dropout=0.0 or use "
                 f"ImprovedMultiheadDilatedAttention."
             )
-        options = ModuleOptions(0.0, bias, layer_norm, layer_norm_eps, gamma_init)
-        MultiheadAttentionBase.__init__(self, embed_dim, num_heads, options, dtype, param_dtype, implementation, rngs)
+        options = ModuleOptions(0.0, bias, layer_norm, layer_norm_eps, gamma_init, rope_theta)
+        heads = Heads(embed_dim, num_heads, num_kv_heads)
+        MultiheadAttentionBase.__init__(self, heads, options, dtype, param_dtype, implementation, rngs)
         self.config = DilatedConfig(segment_lengths, dilation_rates, merge)
         self.config.check_heads(self.num_heads)
         self.mesh = mesh
         self.axis_name = axis_name
 
-    def _attend(self, q, k, v, mask, is_causal, rate, rng):
+    def _attend(self, q, k, v, mask, docs, is_causal, rate, rng):
+        if docs is not None:
+            raise ValueError("RingMultiheadDilatedAttention takes no document_ids yet; pass document_ids=None.")
         cfg, kw = self.config, dict(mesh=self.mesh, axis_name=self.axis_name, implementation=self.implementation)
         return ring_dilated_attention(
             q,
@@ -300,6 +424,8 @@ class BlockSparseMultiheadDilatedAttention(MultiheadAttentionBase):
         layer_norm: bool = True,
         layer_norm_eps: float = 1e-5,
         gamma_init: float = 1.0,
+        num_kv_heads: int | None = None,
+        rope_theta: float | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         implementation: str | Backend | None = None,
@@ -307,10 +433,12 @@ class BlockSparseMultiheadDilatedAttention(MultiheadAttentionBase):
     ):
         check_block_options(block_size, pattern, sparsity_ratio, global_blocks)
         self.layout = (int(block_size), pattern, float(sparsity_ratio), int(global_blocks))
-        options = ModuleOptions(dropout, bias, layer_norm, layer_norm_eps, gamma_init)
-        super().__init__(embed_dim, num_heads, options, dtype, param_dtype, implementation, rngs)
+        options = ModuleOptions(dropout, bias, layer_norm, layer_norm_eps, gamma_init, rope_theta)
+        super().__init__(Heads(embed_dim, num_heads, num_kv_heads), options, dtype, param_dtype, implementation, rngs)
 
-    def _attend(self, q, k, v, mask, is_causal, rate, rng):
+    def _attend(self, q, k, v, mask, docs, is_causal, rate, rng):
+        if docs is not None:
+            raise ValueError("block-sparse attention has no packed documents; pass document_ids=None.")
         size, pattern, ratio, global_blocks = self.layout
         kw = dict(dropout_rate=rate, dropout_rng=rng, implementation=self.implementation)
         return block_sparse_attention(

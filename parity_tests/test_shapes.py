@@ -160,3 +160,68 @@ def test_bad_shapes_raise(impl, kv_heads, extra, exc, match):
     with pytest.raises(exc, match=match):
         impl.run(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), segment_lengths=(8,),
                  dilation_rates=(1,), **extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules, the Flax adapter and the model
+
+
+@pytest.mark.parametrize("cls", ["MultiheadDilatedAttention", "ImprovedMultiheadDilatedAttention"])
+def test_modules_with_kv_heads_rotary_and_documents_convert_exactly(cls):
+    """num_kv_heads (k_proj/v_proj map E -> h_kv * d), rotary positions restarting per document, and
+    document_ids: the NNX module and its torch mirror agree to float64 rounding after a weight copy,
+    and the packed call equals each document alone."""
+    from flax import nnx
+
+    E, H = 32, 4
+    t = getattr(tr, cls)(E, H, (8, 16), (1, 2), num_kv_heads=2, rope_theta=500.0, dtype=torch.float64)
+    j = getattr(jd, cls)(E, H, (8, 16), (1, 2), num_kv_heads=2, rope_theta=500.0, param_dtype=jnp.float64,
+                         rngs=nnx.Rngs(0))
+    assert tuple(t.k_proj.weight.shape) == (16, E)
+    jd.load_torch_state_dict(j, t.state_dict())
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, 21, E))
+    docs = np.array([[0] * 9 + [1] * 12, [3] * 21])
+    got = np.asarray(j(jnp.asarray(x), is_causal=True, document_ids=jnp.asarray(docs)))
+    with torch.no_grad():
+        want = t(torch.as_tensor(x), is_causal=True, document_ids=torch.as_tensor(docs)).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    alone = np.asarray(j(jnp.asarray(x[:1, 9:]), is_causal=True))
+    np.testing.assert_allclose(got[0, 9:], alone[0], rtol=0, atol=1e-12)
+
+
+def test_flax_adapter_takes_kv_heads_and_leading_batch_axes():
+    from flax import nnx
+
+    fn = jd.dilated_attention_fn((8, 16), (1, 2))
+    rng = np.random.default_rng()
+    q = rng.standard_normal((2, 3, 16, 4, 8))
+    k, v = rng.standard_normal((2, 3, 16, 2, 8)), rng.standard_normal((2, 3, 16, 2, 8))
+    out = np.asarray(fn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)))
+    flat = np.asarray(jd.improved_dilated_attention(q.reshape(6, 16, 4, 8), k.reshape(6, 16, 2, 8),
+                                                    v.reshape(6, 16, 2, 8), segment_lengths=(8, 16),
+                                                    dilation_rates=(1, 2)))
+    np.testing.assert_allclose(out, flat.reshape(out.shape), rtol=0, atol=1e-12)
+    mha = nnx.MultiHeadAttention(4, 32, num_kv_heads=2, attention_fn=fn, decode=False, rngs=nnx.Rngs(0))
+    assert mha(jnp.ones((2, 3, 16, 32))).shape == (2, 3, 16, 32)
+
+
+def test_model_kv_heads_rotary_documents():
+    from flax import nnx
+
+    from jax_dilated.models import LongNetLM
+    from torch_ref import models as tm
+
+    t = tm.LongNetLM(50, 32, 4, 2, (8, 16), (1, 2), num_kv_heads=2, rope_theta=1000.0, dtype=torch.float64)
+    j = LongNetLM(50, 32, 4, 2, (8, 16), (1, 2), num_kv_heads=2, rope_theta=1000.0, param_dtype=jnp.float64,
+                  rngs=nnx.Rngs(0))
+    jd.load_torch_state_dict(j, t.state_dict())
+    toks = np.random.default_rng().integers(0, 50, (2, 21))
+    docs = np.array([[0] * 9 + [1] * 12, [3] * 21])
+    got = np.asarray(j(jnp.asarray(toks), document_ids=jnp.asarray(docs)))
+    with torch.no_grad():
+        want = t(torch.as_tensor(toks), document_ids=torch.as_tensor(docs)).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-11)
+    np.testing.assert_allclose(got[0, 9:], np.asarray(j(jnp.asarray(toks[:1, 9:])))[0], rtol=0, atol=1e-11)
+    with pytest.raises(ValueError, match=r"num_heads=4 is not a multiple of num_kv_heads=3"):
+        LongNetLM(50, 32, 4, 1, (8,), (1,), num_kv_heads=3, rngs=nnx.Rngs(0))

@@ -6,6 +6,7 @@ docs/semantics.md says what each computes.
 
 from dilated_plan import block_layout
 from torch_ref.block_sparse import BlockSparseDilatedAttention, block_sparse_attention
+from torch_ref.decode import KVCache, dilated_attention_decode
 from torch_ref.dilated import DilatedAttention, ImprovedDilatedAttention, dilated_attention, improved_dilated_attention
 from torch_ref.models import LongNetLM
 from torch_ref.multihead import (
@@ -22,6 +23,7 @@ __all__ = [
     "DilatedAttention",
     "ImprovedDilatedAttention",
     "ImprovedMultiheadDilatedAttention",
+    "KVCache",
     "LongNetLM",
     "MultiheadDilatedAttention",
     "RingDilatedAttention",
@@ -29,6 +31,7 @@ __all__ = [
     "block_layout",
     "block_sparse_attention",
     "dilated_attention",
+    "dilated_attention_decode",
     "improved_dilated_attention",
     "ring_dilated_attention",
 ]

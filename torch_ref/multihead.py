@@ -23,32 +23,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dilated_plan import DilatedConfig, ModuleOptions, check_block_options
-from dilated_plan.checks import check_heads, default_key_value
+from dilated_plan import DilatedConfig, Heads, ModuleOptions, check_block_options
+from dilated_plan.checks import check_positive_int, default_key_value
 from torch_ref.block_sparse import block_sparse_attention
 from torch_ref.checks import check_module_inputs
+from torch_ref.decode import KVCache, dilated_attention_decode
 from torch_ref.dilated import dilated_attention, improved_dilated_attention
 from torch_ref.kernels import stats_dtype
+from torch_ref.layers import positions, rotary
 from torch_ref.ring import ring_dilated_attention
 
 
 class MultiheadAttentionBase(nn.Module):
-    """Projections, sub-LayerNorm, masks and dropout shared by the multi-head modules.
+    """Projections, rotary positions, sub-LayerNorm, masks and dropout shared by the multi-head modules.
 
     Subclasses only say which core runs, by implementing :meth:`_attend`.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, options: ModuleOptions, factory: dict[str, Any]):
+    def __init__(self, heads: Heads, options: ModuleOptions, factory: dict[str, Any]):
         super().__init__()
-        embed_dim, num_heads = check_heads(embed_dim, num_heads)
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.head_dim = embed_dim // num_heads
+        if options.rope_theta is not None and heads.head_dim % 2:
+            raise ValueError(f"rope_theta needs an even head_dim; embed_dim / num_heads = {heads.head_dim}.")
+        self.embed_dim, self.num_heads, self.num_kv_heads = heads.embed_dim, heads.num_heads, heads.kv_heads
+        self.head_dim = heads.head_dim
         self.dropout = options.dropout
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-            nn.Linear(embed_dim, embed_dim, bias=options.bias, **factory) for _ in range(4)
-        )
-        self.norm = nn.LayerNorm(embed_dim, eps=options.layer_norm_eps, **factory) if options.layer_norm else None
+        self.rope_theta = options.rope_theta
+        e, kv, bias = heads.embed_dim, heads.kv_dim, options.bias
+        self.q_proj = nn.Linear(e, e, bias=bias, **factory)
+        self.k_proj = nn.Linear(e, kv, bias=bias, **factory)
+        self.v_proj = nn.Linear(e, kv, bias=bias, **factory)
+        self.out_proj = nn.Linear(e, e, bias=bias, **factory)
+        self.norm = nn.LayerNorm(e, eps=options.layer_norm_eps, **factory) if options.layer_norm else None
         self.gamma_init = options.gamma_init
         self.reset_parameters()
 
@@ -62,8 +67,10 @@ class MultiheadAttentionBase(nn.Module):
         if self.norm is not None:
             self.norm.reset_parameters()
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, p: float) -> Tensor:
-        """The core on ``(b, n, h, d)`` projections: mask, causality and dropout probability."""
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, docs: Tensor | None, is_causal: bool, p: float
+    ) -> Tensor:
+        """The core on ``(b, n, h, d)`` queries and ``(b, n, h_kv, d)`` keys/values."""
         raise NotImplementedError
 
     def forward(
@@ -73,35 +80,105 @@ class MultiheadAttentionBase(nn.Module):
         value: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
+        document_ids: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         """Multi-head attention of ``query`` over ``key``/``value``; dropout only in training mode.
 
         ``query`` ``(b, n, E)``; ``key``/``value`` ``(b, n, E)`` (default ``query``/``key``);
-        ``key_padding_mask`` optional ``(b, n)`` boolean, True = padding. Returns ``(b, n, E)`` in the
-        promotion of the inputs' and the parameters' dtypes.
+        ``key_padding_mask`` optional ``(b, n)`` boolean, True = padding; ``document_ids`` optional
+        ``(b, n)`` integers (packed documents; rotary positions restart at each). Returns ``(b, n, E)``
+        in the promotion of the inputs' and the parameters' dtypes.
+
+        ``cache`` (from :meth:`init_cache`): causal self-attention of ``query`` ``(b, T, E)``, the next
+        ``T >= 1`` positions; their keys/values are written into the cache, ``cache.index`` advances by
+        ``T``, and the rows equal those of the full causal call over everything decoded so far
+        (semantics section 12). Takes no ``key``/``value``, mask, documents or dropout.
         """
+        if cache is not None:
+            return self._decode(query, key, value, key_padding_mask, document_ids, cache)
         key, value = default_key_value(query, key, value)
         check_module_inputs(query, key, value, key_padding_mask, self.embed_dim)
         dtype = self.q_proj.weight.dtype
         for x in (query, key, value):
             dtype = torch.promote_types(dtype, x.dtype)
-
-        def project(proj: nn.Linear, x: Tensor) -> Tensor:
-            bias = None if proj.bias is None else proj.bias.to(dtype)
-            return F.linear(x.to(dtype), proj.weight.to(dtype), bias)
-
         b, n, _ = query.shape
-        heads = (b, n, self.num_heads, self.head_dim)
-        q, k, v = (
-            project(p, x).reshape(heads) for p, x in ((self.q_proj, query), (self.k_proj, key), (self.v_proj, value))
-        )
+        q = self._project(self.q_proj, query, dtype).reshape(b, n, self.num_heads, self.head_dim)
+        k = self._project(self.k_proj, key, dtype).reshape(b, n, self.num_kv_heads, self.head_dim)
+        v = self._project(self.v_proj, value, dtype).reshape(b, n, self.num_kv_heads, self.head_dim)
+        if self.rope_theta is not None:
+            pos = positions(b, n, document_ids, device=query.device)
+            q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
         p = self.dropout if self.training else 0.0
-        o = self._attend(q, k, v, key_padding_mask, bool(is_causal), p).reshape(b, n, self.embed_dim)
+        o = self._attend(q, k, v, key_padding_mask, document_ids, bool(is_causal), p)
+        return self._output(o.reshape(b, n, self.embed_dim), dtype)
+
+    @staticmethod
+    def _project(proj: nn.Linear, x: Tensor, dtype: torch.dtype) -> Tensor:
+        bias = None if proj.bias is None else proj.bias.to(dtype)
+        return F.linear(x.to(dtype), proj.weight.to(dtype), bias)
+
+    def _output(self, o: Tensor, dtype: torch.dtype) -> Tensor:
+        """Sub-LayerNorm (if any) and ``out_proj`` of the attention output ``(b, n, E)``."""
         if self.norm is not None:
             acc = stats_dtype(o.dtype)
             weight, bias = self.norm.weight.to(acc), self.norm.bias.to(acc)
             o = F.layer_norm(o.to(acc), (self.embed_dim,), weight, bias, self.norm.eps).to(dtype)
-        return project(self.out_proj, o)
+        return self._project(self.out_proj, o, dtype)
+
+    def _decode_config(self) -> DilatedConfig:
+        """The configuration decoding follows; modules that cannot decode raise."""
+        raise ValueError(f"{type(self).__name__} has no cached decoding; use ImprovedMultiheadDilatedAttention.")
+
+    def init_cache(
+        self,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """An empty key/value cache for ``forward(x, cache=...)``: ``(batch_size, max_length, h_kv, d)``.
+
+        ``max_length`` must be a multiple of ``lcm(segment_lengths)`` (the error names the length to use);
+        ``dtype``/``device`` default to the parameters'.
+        """
+        length = self._decode_config().check_cache_length(max_length)
+        batch_size = check_positive_int("batch_size", batch_size)
+        dtype = self.q_proj.weight.dtype if dtype is None else dtype
+        device = self.q_proj.weight.device if device is None else device
+        shape = (batch_size, length, self.num_kv_heads, self.head_dim)
+        return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def _decode(self, query, key, value, key_padding_mask, document_ids, cache: KVCache) -> Tensor:
+        cfg = self._decode_config()
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache={cache!r} should be a KVCache from init_cache(batch_size, max_length).")
+        if key is not None or value is not None or key_padding_mask is not None or document_ids is not None:
+            raise ValueError("cache= is causal self-attention: pass only the query (no key, value, mask or documents).")
+        if self.dropout > 0 and self.training:
+            raise ValueError("cached decoding has no dropout: call module.eval() first.")
+        check_module_inputs(query, query, query, None, self.embed_dim)
+        dtype = torch.promote_types(self.q_proj.weight.dtype, query.dtype)
+        b, t, _ = query.shape
+        q = self._project(self.q_proj, query, dtype).reshape(b, t, self.num_heads, self.head_dim)
+        k = self._project(self.k_proj, query, dtype).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self._project(self.v_proj, query, dtype).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.rope_theta is not None:
+            pos = cache.index + positions(b, t, device=query.device)
+            q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
+        o, _, _ = dilated_attention_decode(
+            q,
+            k,
+            v,
+            cache.key,
+            cache.value,
+            cache.index,
+            segment_lengths=cfg.segment_lengths,
+            dilation_rates=cfg.dilation_rates,
+            merge=cfg.merge,
+        )
+        cache.index += t
+        return self._output(o.reshape(b, t, self.embed_dim), dtype)
 
 
 class MultiheadDilatedAttention(MultiheadAttentionBase):
@@ -133,15 +210,20 @@ class MultiheadDilatedAttention(MultiheadAttentionBase):
         layer_norm_eps: float = 1e-5,
         gamma_init: float = 1.0,
         merge: str = "head_partition",
+        num_kv_heads: int | None = None,
+        rope_theta: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
-        options = ModuleOptions(dropout, bias, layer_norm, layer_norm_eps, gamma_init)
-        super().__init__(embed_dim, num_heads, options, dict(device=device, dtype=dtype))
+        options = ModuleOptions(dropout, bias, layer_norm, layer_norm_eps, gamma_init, rope_theta)
+        super().__init__(Heads(embed_dim, num_heads, num_kv_heads), options, dict(device=device, dtype=dtype))
         self.config = DilatedConfig(segment_lengths, dilation_rates, merge)
         self.config.check_heads(self.num_heads)
 
-    def _attend(self, q, k, v, mask, is_causal, p):
+    def _decode_config(self) -> DilatedConfig:
+        return self.config
+
+    def _attend(self, q, k, v, mask, docs, is_causal, p):
         cfg = self.config
         return self._core(
             q,
@@ -152,6 +234,7 @@ class MultiheadDilatedAttention(MultiheadAttentionBase):
             merge=cfg.merge,
             key_padding_mask=mask,
             is_causal=is_causal,
+            document_ids=docs,
             dropout_p=p,
         )
 
@@ -185,6 +268,8 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         layer_norm_eps: float = 1e-5,
         gamma_init: float = 1.0,
         merge: str = "head_partition",
+        num_kv_heads: int | None = None,
+        rope_theta: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -193,13 +278,16 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
                 f"dropout={dropout}: ring attention has no dropout; pass dropout=0.0 or use "
                 f"ImprovedMultiheadDilatedAttention."
             )
-        options = ModuleOptions(0.0, bias, layer_norm, layer_norm_eps, gamma_init)
-        MultiheadAttentionBase.__init__(self, embed_dim, num_heads, options, dict(device=device, dtype=dtype))
+        options = ModuleOptions(0.0, bias, layer_norm, layer_norm_eps, gamma_init, rope_theta)
+        heads = Heads(embed_dim, num_heads, num_kv_heads)
+        MultiheadAttentionBase.__init__(self, heads, options, dict(device=device, dtype=dtype))
         self.config = DilatedConfig(segment_lengths, dilation_rates, merge)
         self.config.check_heads(self.num_heads)
         self.group = group
 
-    def _attend(self, q, k, v, mask, is_causal, p):
+    def _attend(self, q, k, v, mask, docs, is_causal, p):
+        if docs is not None:
+            raise ValueError("RingMultiheadDilatedAttention takes no document_ids yet; pass document_ids=None.")
         cfg = self.config
         return ring_dilated_attention(
             q,
@@ -239,15 +327,19 @@ class BlockSparseMultiheadDilatedAttention(MultiheadAttentionBase):
         layer_norm: bool = True,
         layer_norm_eps: float = 1e-5,
         gamma_init: float = 1.0,
+        num_kv_heads: int | None = None,
+        rope_theta: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
         check_block_options(block_size, pattern, sparsity_ratio, global_blocks)
-        options = ModuleOptions(dropout, bias, layer_norm, layer_norm_eps, gamma_init)
-        super().__init__(embed_dim, num_heads, options, dict(device=device, dtype=dtype))
+        options = ModuleOptions(dropout, bias, layer_norm, layer_norm_eps, gamma_init, rope_theta)
+        super().__init__(Heads(embed_dim, num_heads, num_kv_heads), options, dict(device=device, dtype=dtype))
         self.layout = (int(block_size), pattern, float(sparsity_ratio), int(global_blocks))
 
-    def _attend(self, q, k, v, mask, is_causal, p):
+    def _attend(self, q, k, v, mask, docs, is_causal, p):
+        if docs is not None:
+            raise ValueError("block-sparse attention has no packed documents; pass document_ids=None.")
         size, pattern, ratio, global_blocks = self.layout
         return block_sparse_attention(
             q,
