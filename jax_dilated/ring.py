@@ -1,17 +1,25 @@
 """Ring dilated attention: the standard function with the sequence sharded over a mesh axis (semantics 7).
 
-Every device holds one contiguous chunk of ``c = n / P`` positions of ``q``, ``k`` and ``v``. Each
+Every device holds ``c = n / P`` positions of ``q``, ``k`` and ``v``: one contiguous chunk
+(``load_balance=None``) or, under ``load_balance="zigzag"``, half-chunks ``j`` and ``2P - 1 - j``
+(the caller reorders with :func:`to_zigzag` once per batch). :func:`dilated_plan.ring_layout` is the
+plan: its *parts* (one chunk, or two half-chunks per device), its rings and its tile schedule. Each
 attention branch (a group's heads and offset) is handled on its own:
 
-* ``c % s == 0``: the branch's segments lie inside the chunk; the device runs the improved branch on
-  its chunk and sends nothing.
-* ``s % c == 0``: a segment covers ``m = s / c`` consecutive devices. Each device dilates its own chunk
-  (the branch keeps every ``r``-th position from the same offset, because ``c % r == 0``), then the
-  dilated key/value blocks travel ``m - 1`` hops around the ``m`` devices of the segment
-  (``lax.ppermute`` inside each segment group), merged into the queries' result with an online
-  softmax. Under ``is_causal`` a device skips (``lax.cond``) every block from a later device.
+* the branch's segments fit in a part: the device runs the improved branch on its positions and
+  sends nothing;
+* a segment spans several parts: each device dilates each of its parts (the branch keeps every
+  ``r``-th position from the same offset, because parts are multiples of ``r``), then the dilated
+  key/value blocks of the branch's *key/value heads* (grouped-query heads are never repeated) travel
+  around the devices of the ring (``lax.ppermute``), and each (query part, key part) tile the plan
+  schedules is merged into the queries' result with an online softmax. Tiles that are wholly in the
+  future or in another segment are skipped (``lax.cond`` on the device index), not computed and
+  masked.
 
-Nothing is ever all-gathered: a device holds at most two key/value blocks of one branch at a time.
+Nothing is ever all-gathered: a device holds its own block and one received block of one branch.
+A sequence whose length does not fit the contiguous plan is padded at its end
+(:func:`dilated_plan.ring_padded_length`), its padding masked as keys and dropped from the output:
+exactly the any-length rule of semantics section 10.
 """
 
 from __future__ import annotations
@@ -23,126 +31,210 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from dilated_plan import Branch, default_scale, ring_plan
-from jax_dilated.branches import branch_attention, combine_branches, dilate, merge_lse, undilate
+from dilated_plan import Branch, default_scale
+from dilated_plan.config import kv_buckets
+from dilated_plan.ring import CAUSAL, SKIP, RingLayout, check_load_balance, ring_layout, ring_padded_length
+from dilated_plan.ring import zigzag_inverse as _zigzag_inverse
+from dilated_plan.ring import zigzag_order as _zigzag_order
+from jax_dilated.branches import _heads, branch_attention, combine_branches, dilate, merge_lse, undilate
 from jax_dilated.dilated import improved_dilated_attention, validate
 from jax_dilated.kernels import Backend, attend, resolve
 
 Array = jax.Array
 
 
-def _spanning_branch(
-    q,
-    k,
-    v,
-    key_padding_mask,
-    br: Branch,
-    *,
-    chunk: int,
-    span: int,
-    num_devices: int,
-    axis_name: str,
-    scale: float,
-    is_causal: bool,
-    backend: Backend,
-):
-    """One branch whose segments span ``span`` devices; per-device arrays ``(b, chunk, ...)``.
+def to_zigzag(x: ArrayLike, num_devices: int) -> Array:
+    """Reorder the sequence axis (axis 1) into the zigzag layout for ``num_devices`` devices.
 
-    A segment starts on a chunk boundary, so the branch's kept positions inside this chunk are the
-    local positions ``offset, offset + r, ...`` (``chunk % r == 0``): dilating the chunk as one segment
-    of length ``chunk`` selects exactly them, in order. Device ``j`` of a segment group holds the kept
-    positions ``[j * chunk / r, (j + 1) * chunk / r)`` of the segment.
+    ``x`` ``(b, n, ...)`` with ``n`` a multiple of ``2 * num_devices``; the result's contiguous chunk
+    ``j`` holds half-chunks ``j`` and ``2P - 1 - j`` of ``x``. Reorder ``q``, ``k``, ``v``, the key
+    padding mask (every per-position input) once per batch, run :func:`ring_dilated_attention` with
+    ``load_balance="zigzag"``, and put the output back with :func:`from_zigzag`.
+
+    >>> to_zigzag(jnp.arange(8)[None], 2).tolist()
+    [[0, 1, 6, 7, 2, 3, 4, 5]]
     """
-    b = q.shape[0]
-    local = dataclasses.replace(br, segment=chunk)
-    hs = br.head_slice
-    qd = dilate(q[:, :, hs], local)  # (b, chunk/r, heads_of_branch, d)
-    kv = jnp.stack([dilate(k[:, :, hs], local), dilate(v[:, :, hs], local)])  # one array: one permute per hop
-    valid = None if key_padding_mask is None else ~dilate(key_padding_mask, local)
-    out, first = attend(qd, kv[0], kv[1], scale=scale, is_causal=is_causal, kv_valid=valid, implementation=backend)
-    assert first is not None  # need_lse defaults to True: the hops merge by log-sum-exp
-    lse: Array = first
-    # Send to the next device of the same segment group. Without causality the blocks wrap around the
-    # group (a ring); under causality a wrapped block would only ever reach devices it lies in the future
-    # of, so the last device of a group sends nothing (a shift) and its neighbour receives zeros it skips.
-    last = span if not is_causal else span - 1
-    perm = [(g * span + j, g * span + (j + 1) % span) for g in range(num_devices // span) for j in range(last)]
-    rank = jax.lax.axis_index(axis_name) % span
-    for hop in range(1, span):
-        kv = jax.lax.ppermute(kv, axis_name, perm)
-        if valid is not None:
-            valid = jax.lax.ppermute(valid, axis_name, perm)
-
-        def step(acc, kv=kv, valid=valid):
-            o, l = attend(qd, kv[0], kv[1], scale=scale, is_causal=False, kv_valid=valid, implementation=backend)
-            return merge_lse([acc[0], o], [acc[1], l])
-
-        if is_causal:
-            # After `hop` hops this device holds the block of device rank - hop of its group when
-            # hop <= rank (a past block), and nothing useful otherwise: skipped, not computed and masked.
-            out, lse = jax.lax.cond(hop <= rank, step, lambda acc: acc, (out, lse))
-        else:
-            out, lse = step((out, lse))
-    return undilate(out, local, b, 0.0), undilate(lse, local, b, -jnp.inf)
+    x = jnp.asarray(x)
+    return jnp.take(x, jnp.asarray(_zigzag_order(x.shape[1], num_devices)), axis=1)
 
 
-def _device_body(q, k, v, key_padding_mask, *, cfg, chunk, spans, num_devices, axis_name, is_causal, scale, backend):
-    """Per-device program: ``(b, chunk, h, d)`` in, ``(b, chunk, h, d)`` out."""
+def from_zigzag(x: ArrayLike, num_devices: int) -> Array:
+    """Inverse of :func:`to_zigzag`: ``(b, n, ...)`` in zigzag order back to the original order."""
+    x = jnp.asarray(x)
+    return jnp.take(x, jnp.asarray(_zigzag_inverse(x.shape[1], num_devices)), axis=1)
+
+
+def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, lay: RingLayout, axis_name, scale, is_causal, backend):
+    """One branch whose segments span several parts; per-device arrays ``(b, chunk, ...)``.
+
+    Returns the branch's output ``(b, chunk, heads_of_branch, d)``, log-sum-exp and the number of
+    tiles this device computed (an int32 scalar; the plan's :meth:`RingLayout.tiles`).
+    """
+    b, h = q.shape[0], q.shape[2]
+    buckets = kv_buckets(br.heads, h // k.shape[2])
+    q_heads = tuple(j for u in buckets for j in u.query_heads)
+    kv_heads = tuple(j for u in buckets for j in u.kv_heads)
+    order = np.argsort(np.asarray(q_heads))  # back to br.heads order
+    qo = np.cumsum([0] + [len(u.query_heads) for u in buckets])
+    ko = np.cumsum([0] + [len(u.kv_heads) for u in buckets])
+    parts, length = lay.parts, lay.part // br.rate
+    local = dataclasses.replace(br, segment=lay.part)
+
+    def dil(x):  # (b, chunk, ...) -> (b, parts, part / r, ...): each part dilated as one segment
+        return dilate(x, local).reshape(b, parts, length, *x.shape[2:])
+
+    qd = dil(_heads(q, q_heads))
+    kv = jnp.stack([dil(_heads(k, kv_heads)), dil(_heads(v, kv_heads))])  # one array: one permute per hop
+    valid = None if key_padding_mask is None else ~dil(key_padding_mask)
+
+    def tile(qj, kv, valid, kj, causal):
+        outs, lses = [], []
+        for u in range(len(buckets)):
+            o, l = attend(
+                qd[:, qj, :, qo[u] : qo[u + 1]],
+                kv[0][:, kj, :, ko[u] : ko[u + 1]],
+                kv[1][:, kj, :, ko[u] : ko[u + 1]],
+                scale=scale,
+                is_causal=causal,
+                kv_valid=None if valid is None else valid[:, kj],
+                implementation=backend,
+            )
+            assert l is not None  # need_lse defaults to True: the tiles merge by log-sum-exp
+            outs.append(o)
+            lses.append(l)
+        return (jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)) if len(buckets) > 1 else (o, l)
+
+    group = br.group
+    table = lay.mode_table(group, is_causal)  # (P, hops + 1, parts, parts), static
+    device = jax.lax.axis_index(axis_name)
+    modes = jnp.asarray(table)[device]
+    acc: list[Any] = [None] * parts
+    count = jax.lax.pcast(jnp.zeros((), jnp.int32), axis_name, to="varying")
+    perm = list(lay.perm(group, is_causal))
+    for hop in range(lay.hops(group) + 1):
+        if hop:
+            kv = jax.lax.ppermute(kv, axis_name, perm)
+            if valid is not None:
+                valid = jax.lax.ppermute(valid, axis_name, perm)
+        for qj in range(parts):
+            for kj in range(parts):
+                column = table[:, hop, qj, kj]
+                if not column.any():
+                    continue  # no device computes this tile: nothing traced
+                if (column == column[0]).all():  # every device computes it the same way: no cond
+                    o, l = tile(qj, kv, valid, kj, bool(column[0] == CAUSAL))
+                    acc[qj] = (o, l) if acc[qj] is None else merge_lse([acc[qj][0], o], [acc[qj][1], l])
+                    count = count + 1
+                    continue
+                assert not (column == CAUSAL).any()  # a causal tile is a part against itself: hop 0, every device
+                if acc[qj] is None:
+                    shape = (b, length, len(q_heads))
+                    dt = jnp.promote_types(q.dtype, jnp.float32)
+                    empty = (jnp.zeros((*shape, q.shape[3]), dt), jnp.full(shape, -jnp.inf, dt))
+                    acc[qj] = tuple(jax.lax.pcast(x, axis_name, to="varying") for x in empty)
+
+                def step(carry, qj=qj, kj=kj, kv=kv, valid=valid):
+                    o, l = tile(qj, kv, valid, kj, False)
+                    out, lse = merge_lse([carry[0], o], [carry[1], l])
+                    return out.astype(carry[0].dtype), lse.astype(carry[1].dtype), carry[2] + 1
+
+                computed = modes[hop, qj, kj] != SKIP
+                *acc_qj, count = jax.lax.cond(computed, step, lambda carry: carry, (*acc[qj], count))
+                acc[qj] = tuple(acc_qj)
+    assert all(a is not None for a in acc)  # every part sees itself at hop 0
+    out = jnp.stack([a[0] for a in acc], axis=1).reshape(b * parts, length, len(q_heads), -1)
+    lse = jnp.stack([a[1] for a in acc], axis=1).reshape(b * parts, length, len(q_heads))
+    if len(buckets) > 1:
+        out, lse = jnp.take(out, order, axis=2), jnp.take(lse, order, axis=2)
+    return undilate(out, local, b, 0.0), undilate(lse, local, b, -jnp.inf), count
+
+
+def _device_body(q, k, v, key_padding_mask, *, lay: RingLayout, axis_name, is_causal, scale, backend):
+    """Per-device program: ``(b, chunk, h, d)`` in, ``(b, chunk, h, d)`` out and the tiles computed ``(1,)``."""
+    cfg = lay.cfg
     h = q.shape[2]
     scale = default_scale(q.shape[3], scale)
     branches = cfg.branches(h)
     outs, lses = [], []
+    count = jnp.zeros((), jnp.int32)
+    b, c = q.shape[:2]
+
+    def halves(x):  # (b, c, ...) -> (2b, c / 2, ...): the two half-chunks of the zigzag layout
+        return None if x is None else x.reshape(b * 2, c // 2, *x.shape[2:])
+
     for br in branches:
-        span = spans[br.group]
-        if span == 1:
+        if lay.local(br.group):
             kw = dict(scale=scale, is_causal=is_causal, need_lse=cfg.merge == "lse", implementation=backend)
-            o, l = branch_attention(q, k, v, key_padding_mask, br, **kw)
+            if lay.parts == 1:
+                o, l = branch_attention(q, k, v, key_padding_mask, br, **kw)
+            else:  # each half-chunk holds whole segments: run them as one batch of two
+                o, l = branch_attention(halves(q), halves(k), halves(v), halves(key_padding_mask), br, **kw)
+                o = o.reshape(b, c, *o.shape[2:])
+                l = None if l is None else l.reshape(b, c, *l.shape[2:])
         else:
-            o, l = _spanning_branch(
+            o, l, tiles = _spanning_branch(
                 q,
                 k,
                 v,
                 key_padding_mask,
                 br,
-                chunk=chunk,
-                span=span,
-                num_devices=num_devices,
+                lay=lay,
                 axis_name=axis_name,
                 scale=scale,
                 is_causal=is_causal,
                 backend=backend,
             )
+            count = count + tiles
         outs.append(o)
         lses.append(l)
-    return combine_branches(cfg, branches, outs, lses).astype(q.dtype)
+    return combine_branches(cfg, branches, outs, lses).astype(q.dtype), count[None]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "axis_name", "is_causal", "scale", "backend"))
-def _ring(q, k, v, key_padding_mask, *, cfg, mesh, axis_name, is_causal, scale, backend):
-    num_devices = mesh.shape[axis_name]
-    chunk, spans = ring_plan(q.shape[1], num_devices, cfg)
+@functools.partial(jax.jit, static_argnames=("lay", "mesh", "axis_name", "is_causal", "scale", "backend"))
+def _ring(q, k, v, key_padding_mask, *, lay, mesh, axis_name, is_causal, scale, backend):
     seq = PartitionSpec(None, axis_name)
     body = functools.partial(
-        _device_body,
-        cfg=cfg,
-        chunk=chunk,
-        spans=spans,
-        num_devices=num_devices,
-        axis_name=axis_name,
-        is_causal=is_causal,
-        scale=scale,
-        backend=backend,
+        _device_body, lay=lay, axis_name=axis_name, is_causal=is_causal, scale=scale, backend=backend
     )
+    out_specs = (seq, PartitionSpec(axis_name))
     if key_padding_mask is None:
         fn = jax.shard_map(
-            lambda q, k, v: body(q, k, v, None), mesh=mesh, in_specs=(seq, seq, seq), out_specs=seq, check_vma=True
+            lambda q, k, v: body(q, k, v, None), mesh=mesh, in_specs=(seq, seq, seq), out_specs=out_specs
         )
         return fn(q, k, v)
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(seq, seq, seq, seq), out_specs=seq, check_vma=True)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(seq, seq, seq, seq), out_specs=out_specs)
     return fn(q, k, v, key_padding_mask)
+
+
+def _prepare(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask, mesh, axis_name, load_balance):
+    """Validate a call; returns the arrays, the configuration and the plan (None: run improved)."""
+    q, k, v = (jnp.asarray(x) for x in (q, k, v))
+    mask = None if key_padding_mask is None else jnp.asarray(key_padding_mask)
+    cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, mask)
+    load_balance = check_load_balance(load_balance)
+    if mesh is None:
+        return q, k, v, mask, cfg, None
+    if axis_name not in mesh.shape:
+        raise ValueError(
+            f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}; pass one of {tuple(mesh.shape)}."
+        )
+    n, num_devices = q.shape[1], mesh.shape[axis_name]
+    if num_devices == 1 or n == 0:
+        return q, k, v, mask, cfg, None
+    if load_balance is None:
+        padded = ring_padded_length(n, num_devices, cfg)
+        if padded > n:  # the any-length rule: the padding is masked as keys and dropped as queries
+            extra = [(0, 0), (0, padded - n)]
+            q, k, v = (jnp.pad(x, extra + [(0, 0)] * 2) for x in (q, k, v))
+            mask = jnp.zeros(q.shape[:1] + (n,), bool) if mask is None else mask
+            mask = jnp.pad(mask, extra, constant_values=True)
+        n = padded
+    lay = ring_layout(n, num_devices, cfg, load_balance)  # raise before tracing, with the sharding named
+    return q, k, v, mask, cfg, lay
 
 
 def ring_dilated_attention(
@@ -159,74 +251,100 @@ def ring_dilated_attention(
     merge: str = "head_partition",
     key_padding_mask: ArrayLike | None = None,
     implementation: str | Backend | None = None,
+    load_balance: str | None = None,
 ) -> Array:
     """Dilated attention with the sequence sharded over the ``axis_name`` axis of ``mesh`` (semantics 7).
 
-    Computes exactly :func:`jax_dilated.dilated_attention`. Device ``p`` of the axis holds positions
-    ``[p * c, (p + 1) * c)`` with ``c = n / P``. Groups whose segments fit in a chunk communicate
-    nothing; a group whose segments span ``m = s / c`` devices passes its dilated key/value blocks
-    ``m - 1`` hops around those devices (online-softmax merge). Other mesh axes see replicated data.
+    Computes exactly :func:`jax_dilated.dilated_attention`. With ``load_balance=None`` device ``p``
+    of the axis holds positions ``[p * c, (p + 1) * c)``, ``c = n / P``; with ``"zigzag"`` the
+    arrays are in the order of :func:`to_zigzag` (device ``j`` holds half-chunks ``j`` and
+    ``2P - 1 - j``), causality and masks keep meaning original positions, and
+    ``from_zigzag(ring(to_zigzag(q), to_zigzag(k), to_zigzag(v), load_balance="zigzag"))`` equals
+    ``dilated_attention(q, k, v)``. Zigzag balances causal work over the devices of a spanning
+    segment; bidirectional calls compute the same tiles either way (docs/ring.md). Groups whose
+    segments fit in a part communicate nothing; spanning groups pass the dilated key/value blocks
+    of their ``h_kv`` key/value heads around their devices (online-softmax merge). Other mesh axes
+    see replicated data.
 
     Args:
-      q, k, v: ``(b, n, h, d)``, sharded along ``n`` over ``axis_name`` (arrays sharded otherwise, or
-        not at all, are resharded).
+      q: ``(b, n, h, d)``; k, v: ``(b, n, h_kv, d)`` with ``h`` a multiple of ``h_kv`` (grouped-query
+        heads), sharded along ``n`` over ``axis_name`` (arrays sharded otherwise, or not at all, are
+        resharded). Any ``n`` under ``load_balance=None``: a length that does not fit the plan is
+        padded at its end to :func:`dilated_plan.ring_padded_length` (masked, dropped: exact).
       segment_lengths, dilation_rates, is_causal, scale, merge: as in :func:`dilated_attention`.
       mesh: a ``jax.sharding.Mesh`` with an axis ``axis_name``; ``None`` (or an axis of size 1) runs
-        :func:`improved_dilated_attention` on the arrays as they are.
+        :func:`improved_dilated_attention` on the arrays as they are (in their order: under zigzag,
+        pass ``mesh=None`` only with arrays in original order).
       axis_name: the mesh axis the sequence is sharded over.
-      key_padding_mask: optional ``(b, n)`` boolean, True = padding; sharded like the sequence and
-        passed around with the key/value blocks.
+      key_padding_mask: optional ``(b, n)`` boolean, True = padding; sharded (and, under zigzag,
+        ordered) like the sequence and passed around with the key/value blocks.
       implementation: the attention kernel of every local block (see :func:`dilated_attention`).
+      load_balance: ``None`` (contiguous chunks) or ``"zigzag"``.
 
     Returns:
-      ``(b, n, h, d)`` in the dtype of ``q``, sharded as ``PartitionSpec(None, axis_name)`` on ``mesh``.
+      ``(b, n, h, d)`` in the dtype of ``q`` (in zigzag order under zigzag), sharded as
+      ``PartitionSpec(None, axis_name)`` on ``mesh`` when no padding was needed.
 
     Raises:
-      ValueError: the checks of :func:`dilated_attention`, an unknown ``axis_name``, and the
-        sharding constraints of :func:`dilated_plan.ring_plan`.
+      ValueError: the checks of :func:`dilated_attention`, an unknown ``axis_name`` or
+        ``load_balance``, and the sharding constraints of :func:`dilated_plan.ring_layout` (under
+        zigzag: ``n % 2P``, segments against the half-chunk, rates dividing it).
 
     >>> q = k = v = jnp.ones((1, 64, 2, 8), jnp.float32)
     >>> mesh = jax.make_mesh((1,), ("seq",))
     >>> ring_dilated_attention(q, k, v, segment_lengths=(16, 64), dilation_rates=(1, 4), mesh=mesh).shape
     (1, 64, 2, 8)
     """
-    q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    mask = None if key_padding_mask is None else jnp.asarray(key_padding_mask)
-    cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, mask)
-    backend = resolve(implementation)
-    kw: dict[str, Any] = dict(
-        segment_lengths=cfg.segment_lengths,
-        dilation_rates=cfg.dilation_rates,
-        is_causal=is_causal,
-        scale=scale,
-        merge=merge,
-        key_padding_mask=mask,
-        implementation=backend,
-    )
-    if mesh is None:
-        return improved_dilated_attention(q, k, v, **kw)
-    if axis_name not in mesh.shape:
-        raise ValueError(
-            f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}; pass one of {tuple(mesh.shape)}."
-        )
-    n = q.shape[1]
-    num_devices = mesh.shape[axis_name]
-    if num_devices == 1 or n == 0:
-        return improved_dilated_attention(q, k, v, **kw)
-    ring_plan(n, num_devices, cfg)  # raise before tracing, with the sharding named
+    n = jnp.shape(q)[1]
+    out, _ = _call(q, k, v, segment_lengths, dilation_rates, mesh, axis_name, is_causal, scale, merge,
+                   key_padding_mask, implementation, load_balance)  # fmt: skip
+    return out if out.shape[1] == n else out[:, :n]
+
+
+def ring_tile_counts(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    *,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    mesh: Mesh,
+    axis_name: str = "seq",
+    is_causal: bool = False,
+    merge: str = "head_partition",
+    key_padding_mask: ArrayLike | None = None,
+    load_balance: str | None = None,
+) -> np.ndarray:
+    """Tiles each device of ``axis_name`` computed in one call, counted by the program itself, ``(P,)``.
+
+    Same arguments as :func:`ring_dilated_attention`; the count is incremented inside the branch of
+    the ``lax.cond`` that computes a tile, so it measures the program, not the plan
+    (:func:`dilated_plan.ring_tiles` is the plan's prediction).
+    """
+    _, counts = _call(q, k, v, segment_lengths, dilation_rates, mesh, axis_name, is_causal, None, merge,
+                      key_padding_mask, None, load_balance)  # fmt: skip
+    return np.asarray(counts)
+
+
+def _call(q, k, v, segment_lengths, dilation_rates, mesh, axis_name, is_causal, scale, merge, mask, impl, balance):
+    q, k, v, mask, cfg, lay = _prepare(q, k, v, segment_lengths, dilation_rates, merge, mask, mesh, axis_name, balance)
+    backend = resolve(impl)
+    if lay is None:
+        kw: dict[str, Any] = dict(segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates)
+        kw.update(is_causal=is_causal, scale=scale, merge=merge, key_padding_mask=mask, implementation=backend)
+        return improved_dilated_attention(q, k, v, **kw), np.zeros(1, np.int32)
+    assert mesh is not None
     seq = NamedSharding(mesh, PartitionSpec(None, axis_name))
     args = [q, k, v] + ([] if mask is None else [mask])
     # Onto the mesh, sharded along the sequence: a no-op when already so; under jit it is traced as a
     # transfer, so arrays committed to other devices are accepted too.
     args = [jax.device_put(x, seq) for x in args]
-    q, k, v = args[:3]
-    mask = args[3] if mask is not None else None
     return _ring(
-        q,
-        k,
-        v,
-        mask,
-        cfg=cfg,
+        args[0],
+        args[1],
+        args[2],
+        args[3] if mask is not None else None,
+        lay=lay,
         mesh=mesh,
         axis_name=axis_name,
         is_causal=bool(is_causal),
