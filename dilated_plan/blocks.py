@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from dilated_plan.checks import check_is_causal
+
 PATTERNS = ("local_window", "dilated_sparse", "global_local")
 
 
@@ -105,7 +107,7 @@ def block_layout(
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n={n!r} must be a sequence length, an integer >= 0.")
     return _layout(
-        -(-int(n) // int(block_size)), pattern, float(sparsity_ratio), int(global_blocks), bool(is_causal)
+        -(-int(n) // int(block_size)), pattern, float(sparsity_ratio), int(global_blocks), check_is_causal(is_causal)
     ).copy()
 
 

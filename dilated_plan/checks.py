@@ -17,6 +17,8 @@ def as_int_tuple(name: str, values: Any) -> tuple[int, ...]:
     """A sequence of integers (Python or NumPy; a single integer is a sequence of one) as a tuple."""
     if isinstance(values, (int, np.integer)) and not isinstance(values, (bool, np.bool_)):
         values = (values,)
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{name}={values!r} is a string; pass a sequence of positive integers, e.g. (1024, 2048).")
     try:
         out = tuple(values)
     except TypeError:
@@ -34,11 +36,53 @@ def check_positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+_STATIC = "it is a static setting: pass a Python value (under jax.jit, a static argument: static_argnames)"
+
+
+def _concrete_float(name: str, value: Any) -> float:
+    """``float(value)`` for a Python or NumPy real number (or a concrete 0-d array), else a TypeError."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or getattr(value, "ndim", 0) != 0:
+        raise TypeError(f"{name}={value!r} should be a real number.")
+    try:
+        return float(value)
+    except Exception as exc:  # a traced value (ConcretizationTypeError), or no __float__
+        raise TypeError(f"{name}={value!r} should be a concrete real number; {_STATIC}.") from exc
+
+
 def check_dropout_rate(rate: Any, name: str = "dropout rate") -> float:
     """``rate`` as a float if it is a number in ``[0, 1)``."""
-    if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, numbers.Real) or not 0.0 <= float(rate) < 1.0:
+    value = _concrete_float(name, rate)
+    if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} {rate!r} is outside [0, 1); pass a probability such as 0.1.")
-    return float(rate)
+    return value
+
+
+def check_is_causal(value: Any) -> bool:
+    """``is_causal`` as a bool: True/False (NumPy bools and the ints 0/1 too); anything else a TypeError.
+
+    A string is refused rather than read by truthiness (``"False"`` would mean causal).
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    kind = "a traced value" if "Trace" in type(value).__name__ else type(value).__name__
+    raise TypeError(f"is_causal={value!r} ({kind}) should be True or False; {_STATIC}.")
+
+
+def check_scale(scale: Any) -> float | None:
+    """``scale`` as a float (None stays None: ``1 / sqrt(d)``); it must be finite.
+
+    ``scale=0`` is allowed and gives every visible key the same weight (the mean of their values); a
+    negative scale prefers the least similar keys. NaN or infinite scales are refused: they make every
+    score non-finite.
+    """
+    if scale is None:
+        return None
+    value = _concrete_float("scale", scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale={scale!r} is not finite; pass a finite number, or None for 1 / sqrt(head_dim).")
+    return value
 
 
 def check_lcm(values: tuple[int, ...]) -> int:
@@ -53,6 +97,11 @@ def check_qkv(q: Any, k: Any, v: Any, is_floating) -> None:
     multi-head attention). ``is_floating(x)`` is the framework's dtype predicate.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "ndim") or not hasattr(x, "dtype"):
+            raise TypeError(
+                f"{name} is a {type(x).__name__}; pass an array (torch: a torch.Tensor) of shape "
+                f"(batch, seq, heads, head_dim)."
+            )
         if x.ndim != 4:
             raise ValueError(
                 f"{name} has shape {tuple(x.shape)} ({x.ndim}-D); pass 4-D arrays of shape "
@@ -83,6 +132,8 @@ def check_key_padding_mask(mask: Any, batch: int, n: int, is_bool) -> None:
     """Raise unless ``mask`` is None or a boolean ``(batch, n)`` array (True = padding)."""
     if mask is None:
         return
+    if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+        raise TypeError(f"key_padding_mask is a {type(mask).__name__}; pass a boolean (batch, seq) array.")
     if tuple(mask.shape) != (batch, n):
         raise ValueError(
             f"key_padding_mask has shape {tuple(mask.shape)}; expected (batch, seq) = ({batch}, {n}), "
@@ -141,6 +192,8 @@ def check_document_ids(ids: Any, batch: int, n: int, is_integer) -> None:
     """Raise unless ``ids`` is None or an integer ``(batch, n)`` array (one document id per position)."""
     if ids is None:
         return
+    if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
+        raise TypeError(f"document_ids is a {type(ids).__name__}; pass an integer (batch, seq) array.")
     if tuple(ids.shape) != (batch, n):
         raise ValueError(
             f"document_ids has shape {tuple(ids.shape)}; expected (batch, seq) = ({batch}, {n}), one integer "

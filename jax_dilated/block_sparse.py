@@ -16,8 +16,9 @@ from jax.typing import ArrayLike
 
 from dilated_plan import block_layout, block_tables, check_block_options, default_scale
 from dilated_plan.blocks import chunk_blocks
+from dilated_plan.checks import check_is_causal, check_scale
 from jax_dilated.branches import merge_lse
-from jax_dilated.checks import check_dropout, check_key_padding_mask, check_qkv
+from jax_dilated.checks import as_array, check_dropout, check_key_padding_mask, check_qkv
 from jax_dilated.kernels import Backend, attend, resolve
 
 Array = jax.Array
@@ -157,24 +158,24 @@ def block_sparse_attention(
     >>> block_sparse_attention(q, k, v, block_size=128, sparsity_ratio=0.75).shape
     (1, 1024, 4, 32)
     """
-    q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    mask = None if key_padding_mask is None else jnp.asarray(key_padding_mask)
-    check_qkv(q, k, v)
+    qa, ka, va = (as_array(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
+    mask = as_array("key_padding_mask", key_padding_mask)
+    check_qkv(qa, ka, va)
     check_block_options(block_size, pattern, sparsity_ratio, global_blocks)
-    check_key_padding_mask(mask, q.shape[0], q.shape[1])
+    check_key_padding_mask(mask, qa.shape[0], qa.shape[1])
     check_dropout(dropout_rate, dropout_rng)
     return _block_sparse(
-        q,
-        k,
-        v,
+        qa,
+        ka,
+        va,
         mask,
         dropout_rng,
         block_size=int(block_size),
         pattern=pattern,
         sparsity_ratio=float(sparsity_ratio),
         global_blocks=int(global_blocks),
-        is_causal=bool(is_causal),
-        scale=None if scale is None else float(scale),
+        is_causal=check_is_causal(is_causal),
+        scale=check_scale(scale),
         dropout_rate=float(dropout_rate),
         backend=resolve(implementation),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from dilated_plan import checks as plan_checks
@@ -16,6 +17,16 @@ def _is_floating(x: Any) -> bool:
 
 def _is_bool(x: Any) -> bool:
     return x.dtype == jnp.bool_
+
+
+def as_array(name: str, x: Any) -> Any:
+    """``jnp.asarray(x)`` (None stays None), or our TypeError naming ``name`` if JAX cannot read it."""
+    if x is None:
+        return None
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} is a {type(x).__name__} that is not an array ({exc}); pass an array.") from None
 
 
 def check_qkv(q: Any, k: Any, v: Any) -> None:
@@ -33,7 +44,22 @@ def check_dropout(rate: Any, rng: Any = None, *, needs_rng: bool = True) -> floa
     rate = check_dropout_rate(rate)
     if needs_rng and rate > 0.0 and rng is None:
         raise ValueError(f"dropout_rate={rate} needs a dropout_rng key; pass jax.random.key(...).")
+    if rng is not None:
+        check_key(rng)
     return rate
+
+
+def check_key(rng: Any) -> None:
+    """Raise unless ``rng`` is one PRNG key: a typed key of shape ``()`` or a raw ``uint32`` ``(2,)`` key."""
+    dtype = getattr(rng, "dtype", None)
+    shape = tuple(getattr(rng, "shape", ()))
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    if (typed and shape == ()) or (dtype == jnp.uint32 and shape == (2,)):
+        return
+    raise TypeError(
+        f"dropout_rng={rng!r} should be one PRNG key, e.g. jax.random.key(0) (shape (), or a raw uint32 (2,) "
+        f"key); got {type(rng).__name__} of shape {shape}. Split a batch of keys yourself and pass one."
+    )
 
 
 def check_module_inputs(query: Any, key: Any, value: Any, key_padding_mask: Any, embed_dim: int) -> None:

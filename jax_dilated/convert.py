@@ -25,6 +25,11 @@ def _params(module: nnx.Module) -> dict[str, nnx.Param]:
 
 def _to_numpy(value: Any) -> np.ndarray:
     """A torch tensor (any device, with or without grad) or array-like as a NumPy array, bits unchanged."""
+    if getattr(value, "is_meta", False):
+        raise ValueError(
+            "the state_dict holds a meta tensor (a shape without data); materialise the torch module first "
+            "(module.to_empty(device='cpu') and load or initialise its weights)."
+        )
     if hasattr(value, "detach"):
         t = value.detach().cpu()
         try:
@@ -37,11 +42,13 @@ def _to_numpy(value: Any) -> np.ndarray:
 def to_torch_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
     """The module's parameters as a torch-style state dict of NumPy arrays.
 
-    Example::
+    Example (``torch_ref.state_dict_from_numpy`` also converts bfloat16 arrays, bit for bit)::
 
         sd = to_torch_state_dict(mha)                       # {"q_proj.weight": (E, E) array, ...}
-        torch_mha.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+        torch_mha.load_state_dict(torch_ref.state_dict_from_numpy(sd))
     """
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"module has type {type(module).__name__}; pass an nnx.Module (e.g. a LongNetLM).")
     return {name: np.asarray(var[...]) for name, var in sorted(_params(module).items())}
 
 
@@ -57,6 +64,8 @@ def load_torch_state_dict(module: nnx.Module, state_dict: Mapping[str, Any]) -> 
             f"state_dict has type {type(state_dict).__name__}; pass a mapping name -> tensor "
             f"(e.g. torch_module.state_dict())."
         )
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"module has type {type(module).__name__}; pass an nnx.Module (e.g. a LongNetLM).")
     params = _params(module)
     arrays = {name: _to_numpy(v) for name, v in state_dict.items()}
     missing = sorted(set(params) - set(arrays))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dilated_plan import Branch, DilatedConfig, default_scale
+from dilated_plan.checks import check_scale
 from dilated_plan.config import kv_buckets
 from jax_dilated.branches import Layout, _heads, combine_branches
 from jax_dilated.dilated import Call, run
@@ -189,5 +190,5 @@ def dilated_attention_decode(
                 f"index={i} with {t} new positions overflows the cache of max_length={length}; "
                 f"use a longer cache (init_cache) or index <= {length - t}."
             )
-    step = _Step(cfg, None if scale is None else float(scale), resolve(implementation))
+    step = _Step(cfg, check_scale(scale), resolve(implementation))
     return _decode(q, k, v, cached_key, cached_value, index, step)

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from dilated_plan import DilatedConfig, default_scale
+from dilated_plan.checks import check_dropout_rate, check_is_causal, check_scale
 from jax_dilated.branches import Documents, Layout, branch_attention, combine_branches
-from jax_dilated.checks import check_document_ids, check_dropout, check_key_padding_mask, check_qkv
+from jax_dilated.checks import as_array, check_document_ids, check_dropout, check_key_padding_mask, check_qkv
 from jax_dilated.kernels import Backend, resolve
 
 Array = jax.Array
@@ -57,15 +58,15 @@ class Call:
     backend: Any
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "is_causal", bool(self.is_causal))
-        object.__setattr__(self, "scale", None if self.scale is None else float(self.scale))
-        object.__setattr__(self, "dropout_rate", float(self.dropout_rate))
+        object.__setattr__(self, "is_causal", check_is_causal(self.is_causal))
+        object.__setattr__(self, "scale", check_scale(self.scale))
+        object.__setattr__(self, "dropout_rate", check_dropout_rate(self.dropout_rate))
         object.__setattr__(self, "backend", resolve(self.backend))
 
 
 def run(q, k, v, key_padding_mask, document_ids, dropout_rng, call: Call, layout: Layout) -> Array:
     b, n, h, d = q.shape
-    if n == 0:
+    if 0 in q.shape:  # nothing to attend (empty batch, sequence, heads or head_dim)
         return jnp.zeros_like(q)
     scale = default_scale(d, call.scale)
     branches = call.cfg.branches(h)
@@ -97,9 +98,9 @@ def _improved(q, k, v, key_padding_mask, document_ids, dropout_rng, call: Call) 
 
 def _checked(q, k, v, key_padding_mask, document_ids, dropout_rng, call: Call) -> tuple:
     """The arrays of a call of either form, validated against its configuration."""
-    q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    mask = None if key_padding_mask is None else jnp.asarray(key_padding_mask)
-    docs = None if document_ids is None else jnp.asarray(document_ids)
+    q, k, v = (as_array(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
+    mask = as_array("key_padding_mask", key_padding_mask)
+    docs = as_array("document_ids", document_ids)
     cfg = call.cfg
     validate(q, k, v, cfg.segment_lengths, cfg.dilation_rates, cfg.merge, mask, call.dropout_rate, dropout_rng)
     check_document_ids(docs, q.shape[0], q.shape[1])

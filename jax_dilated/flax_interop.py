@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax.nnx.nn.dtypes import promote_dtype as flax_promote_dtype
 
 from dilated_plan import DilatedConfig
+from dilated_plan.checks import check_is_causal
 from jax_dilated.dilated import dilated_attention, improved_dilated_attention
 from jax_dilated.kernels import Backend, resolve
 
@@ -31,8 +32,8 @@ def _key_padding_from_flax_mask(mask: Array, batch: int, n: int) -> Array:
 def _precision_name(precision: Any) -> str | None:
     if precision is None:
         return None
-    if isinstance(precision, str):
-        precision = jax.lax.Precision(precision)
+    if isinstance(precision, str) and precision.lower() in ("default", "high", "highest"):
+        precision = jax.lax.Precision(precision.lower())
     if isinstance(precision, jax.lax.Precision):
         return precision.name.lower()
     raise ValueError(
@@ -134,7 +135,7 @@ def dilated_attention_fn(
             dilation_rates=cfg.dilation_rates,
             merge=cfg.merge,
             scale=scale,
-            is_causal=bool(is_causal),
+            is_causal=check_is_causal(is_causal),
             key_padding_mask=kpm,
             dropout_rate=rate,
             dropout_rng=dropout_rng if rate > 0 else None,

@@ -79,9 +79,9 @@ def _decode_all(dec: Decoder, q, k, v, prompt: int, merge: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dec", DECODERS, ids=repr)
-@pytest.mark.parametrize("merge", ["head_partition", "lse"])
-@pytest.mark.parametrize("hk", [6, 2])
+@pytest.mark.parametrize(("merge", "hk"), [("head_partition", 2), ("lse", 2), ("lse", 6)])
 def test_decoded_rows_equal_full_causal_float64(dec, merge, hk):
+    """h = 6 over h_kv = 2 (grouped-query, head groups splitting kv heads) for both merges, and h_kv = h."""
     rng = np.random.default_rng(hash((dec.name, merge, hk)) % 2**32)
     b, h, d = 2, 6, 8
     q, k, v = rng.standard_normal((b, LENGTH, h, d)), rng.standard_normal((b, LENGTH, hk, d)), rng.standard_normal(

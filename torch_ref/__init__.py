@@ -6,6 +6,7 @@ docs/semantics.md says what each computes.
 
 from dilated_plan import block_layout
 from torch_ref.block_sparse import BlockSparseDilatedAttention, block_sparse_attention
+from torch_ref.convert import state_dict_from_numpy
 from torch_ref.decode import KVCache, dilated_attention_decode
 from torch_ref.dilated import DilatedAttention, ImprovedDilatedAttention, dilated_attention, improved_dilated_attention
 from torch_ref.models import LongNetLM
@@ -34,4 +35,5 @@ __all__ = [
     "dilated_attention_decode",
     "improved_dilated_attention",
     "ring_dilated_attention",
+    "state_dict_from_numpy",
 ]

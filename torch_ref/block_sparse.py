@@ -15,6 +15,7 @@ from torch import nn
 
 from dilated_plan import block_layout, block_tables, check_block_options, default_scale
 from dilated_plan.blocks import chunk_blocks
+from dilated_plan.checks import check_is_causal, check_scale
 from torch_ref.checks import check_dropout, check_key_padding_mask, check_qkv
 from torch_ref.kernels.plain import finite_keys, poison
 
@@ -69,9 +70,10 @@ def block_sparse_attention(
     check_block_options(block_size, pattern, sparsity_ratio, global_blocks)
     check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[1])
     check_dropout(dropout_p)
+    is_causal, scale = check_is_causal(is_causal), check_scale(scale)
     b, n, h, d = q.shape
     hk = k.shape[2]
-    if n == 0:
+    if 0 in q.shape:
         return torch.zeros_like(q)
     scale = default_scale(d, scale)
     bs = int(block_size)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from dilated_plan import DilatedConfig, default_scale
+from dilated_plan.checks import check_scale
 from dilated_plan.config import kv_buckets
 from torch_ref.branches import _heads, combine_branches
 from torch_ref.dilated import _run
@@ -137,6 +138,7 @@ def dilated_attention_decode(
     torch.Size([1, 1, 2, 8])
     """
     cfg = DilatedConfig(segment_lengths, dilation_rates, merge)
+    scale = check_scale(scale)
     index = _check(q, k, v, cached_key, cached_value, cfg, index)
     t, dtype = q.shape[1], q.dtype
     cached_key[:, index : index + t] = k

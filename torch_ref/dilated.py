@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dilated_plan import DilatedConfig, default_scale
+from dilated_plan.checks import check_is_causal, check_scale
 from torch_ref.branches import branch_attention, combine_branches
 from torch_ref.checks import check_document_ids, check_dropout, check_key_padding_mask, check_qkv
 
@@ -58,7 +59,7 @@ def _run(
     packed call equals.
     """
     b, n, h, d = q.shape
-    if n == 0:
+    if 0 in q.shape:  # nothing to attend (empty batch, sequence, heads or head_dim)
         return torch.zeros_like(q)
     if documents is not None:
         out = torch.zeros_like(q)
@@ -102,7 +103,7 @@ def dilated_attention(
     """
     cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask, dropout_p)
     check_document_ids(document_ids, q.shape[0], q.shape[1])
-    options: dict[str, Any] = dict(is_causal=is_causal, scale=scale, dropout_p=dropout_p)
+    options: dict[str, Any] = dict(is_causal=check_is_causal(is_causal), scale=check_scale(scale), dropout_p=dropout_p)
     return _run(q, k, v, key_padding_mask, document_ids, cfg, options, plain=True)
 
 
@@ -136,7 +137,7 @@ def improved_dilated_attention(
     """
     cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask, dropout_p)
     check_document_ids(document_ids, q.shape[0], q.shape[1])
-    options: dict[str, Any] = dict(is_causal=is_causal, scale=scale, dropout_p=dropout_p)
+    options: dict[str, Any] = dict(is_causal=check_is_causal(is_causal), scale=check_scale(scale), dropout_p=dropout_p)
     return _run(q, k, v, key_padding_mask, document_ids, cfg, options, plain=False)
 
 

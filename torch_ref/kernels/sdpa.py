@@ -87,6 +87,8 @@ def sdpa_attention(
     log-sum-exp (``-inf`` for such a row). Non-finite keys/values reach exactly the rows that see them.
     """
     k, v, bad = finite_keys(k, v)
+    if scale == 0.0:  # SDPA's CPU kernel returns NaN for scale=0 under a causal mask: zero the scores via q
+        q, scale = q * 0.0, 1.0
     mask, empty = None, None
     if kv_valid is not None:
         mask, empty = _visibility(kv_valid, is_causal)
@@ -100,8 +102,13 @@ def sdpa_attention(
         scale=scale,
         enable_gqa=k.shape[2] != q.shape[2],
     ).transpose(1, 2)  # (B, m, h, d)
+    # A non-finite query makes its own row NaN when the row sees a key (as the plain form and JAX do);
+    # SDPA's CPU kernel would return a finite row instead.
+    bad_q = ~torch.isfinite(q).all(dim=-1)  # (B, m, h)
     if empty is not None:
         o = o.masked_fill(empty[:, :, None, None], 0.0)
+        bad_q = bad_q & ~empty[:, :, None]
+    o = o.masked_fill(bad_q[..., None], float("nan"))
     lse = _chunked_lse(q, k, kv_valid, scale=scale, is_causal=is_causal) if need_lse else None
     visible = None
     if bool(bad.any()):
