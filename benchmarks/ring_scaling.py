@@ -19,6 +19,12 @@ itself. Columns:
   sends per call, the operand sizes of its ``collective-permute`` ops.
 - One device: ring against improved, each in its own subprocess, same inputs and method.
 
+The work table (:func:`work_table`, also ``--work-only``, which runs nothing) reports, per
+configuration and device count, the tiles each device computes for spanning groups under the
+contiguous and the zigzag layout (:func:`dilated_plan.ring.ring_tiles`; the ring program counts
+the same, ``parity_tests/test_ring_balance.py``), their max / mean, and the modelled ring step time
+(the maximum per-device work, :func:`dilated_plan.ring.ring_work`) of zigzag over contiguous.
+
 Writes ``ring_scaling.md`` and ``ring_scaling.json`` (the result rows) under ``--out``
 (default ``benchmarks/results/cpu``).
 """
@@ -37,6 +43,8 @@ from benchmarks.case import Case
 from benchmarks.report import is_ok, status_cell
 from benchmarks.rows import Row, make_row
 from benchmarks.runner import REPO_ROOT, cpu_name, run_cases
+from dilated_plan import DilatedConfig
+from dilated_plan.ring import balance, ring_layout, ring_tiles, ring_work
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "cpu"
 RING, IMPROVED = "ring_scaling", "ring_scaling_improved"  # the sections of the rows
@@ -147,6 +155,44 @@ def markdown(rows: Sequence[Row]) -> str:
     return "\n".join(out) + "\n"
 
 
+# The issue's case: one causal segment over the whole sequence, spanning every device.
+WORK: tuple[Config, ...] = (Config("whole-causal", 131072, (131072,), (1,), (2, 4, 8)),) + SCALING[:2]
+
+
+def work_table(configs: Sequence[Config], heads: int, causal: bool = True) -> str:
+    """Per-device tiles of spanning groups, contiguous vs zigzag, and the modelled step-time ratio (markdown)."""
+    body = []
+    for c in configs:
+        cfg = DilatedConfig(c.segment_lengths, c.dilation_rates)
+        for p in c.device_counts:
+            if p == 1:
+                continue
+            row: list[str] = [c.name, str(c.seq_len), str(c.segment_lengths), str(p)]
+            work = {}
+            for lb in (None, "zigzag"):
+                try:
+                    ring_layout(c.seq_len, p, cfg, lb)
+                except ValueError as e:
+                    row += ["", f"not valid: {str(e)[:40]}"]
+                    continue
+                tiles = ring_tiles(c.seq_len, p, cfg, heads, causal, lb)
+                work[lb] = max(ring_work(c.seq_len, p, cfg, heads, causal, lb))
+                row += [" ".join(map(str, tiles)), f"{balance(tiles):.3f}"]
+            row.append(f"{work['zigzag'] / work[None]:.3f}" if len(work) == 2 and work[None] else "")
+            body.append(row)
+    headers = ["config", "n", "segments", "P", "tiles/device contiguous", "max/mean", "tiles/device zigzag",
+               "max/mean", "step time zigzag / contiguous"]
+    return "\n".join([
+        f"## Ring work per device ({'causal' if causal else 'bidirectional'}, {heads} heads, from the plan)",
+        "",
+        "A tile is one kernel call of a spanning branch: one part's dilated queries against one part's dilated keys "
+        "(contiguous: a chunk, zigzag: a half-chunk). The modelled step time is the largest per-device score-element "
+        "count (spanning and local branches, `dilated_plan.ring.ring_work`).",
+        "",
+        tabulate(body, headers=headers, tablefmt="github", disable_numparse=True),
+    ]) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
@@ -159,10 +205,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the existing json")
+    parser.add_argument("--work-only", action="store_true", help="print the per-device work table and exit")
     args = parser.parse_args(argv)
+    if args.work_only:
+        print(work_table(WORK, args.heads, causal=True))
+        return
     json_path, md_path = args.out / "ring_scaling.json", args.out / "ring_scaling.md"
     if args.report_only:
-        md_path.write_text(markdown(json.loads(json_path.read_text())))
+        md_path.write_text(markdown(json.loads(json_path.read_text())) + "\n" + work_table(WORK, args.heads))
         return
     wanted = set(args.configs.split(","))
     unknown = wanted - {c.name for c in SCALING}
@@ -173,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = run([c for c in SCALING if c.name in wanted], base, args.timeout)
     args.out.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
-    text = markdown(rows)
+    text = markdown(rows) + "\n" + work_table(WORK, args.heads)
     md_path.write_text(text)
     print(text)
 

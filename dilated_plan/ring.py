@@ -214,7 +214,7 @@ class RingLayout:
         return sum(len(self.schedule(group, device, hop, is_causal)) for hop in range(self.hops(group) + 1))
 
 
-def _check(n: int, p: int, cfg: DilatedConfig, unit: str, load_balance: str | None) -> None:
+def _check(n: int, p: int, cfg: DilatedConfig, unit: str, load_balance: str | None, hint: bool = True) -> None:
     where = "a mesh axis" if unit == "devices" else "a process group"
     if load_balance is None:
         if n % p:
@@ -228,7 +228,8 @@ def _check(n: int, p: int, cfg: DilatedConfig, unit: str, load_balance: str | No
         if n % (2 * p):
             raise ValueError(
                 f"ring attention, load_balance='zigzag': n={n} is not a multiple of 2P={2 * p} ({p} {unit}, two "
-                f"half-chunks each); pad the sequence to n={ring_padded_length(n, p, cfg, load_balance)} "
+                f"half-chunks each); pad the sequence to "
+                f"n={ring_padded_length(n, p, cfg, load_balance) if hint else '?'} "
                 f"(mark the padding in key_padding_mask) before to_zigzag, or use load_balance=None."
             )
         part, what = n // (2 * p), f"half-chunk c/2={n // (2 * p)} (zigzag)"
@@ -238,19 +239,19 @@ def _check(n: int, p: int, cfg: DilatedConfig, unit: str, load_balance: str | No
                 f"ring attention: n={n} over P={p} {unit} gives {what}, and segment length s={s} "
                 f"neither divides it nor is a multiple of it; choose P so that every segment "
                 f"length divides it or is a multiple of it (e.g. powers of two)"
-                + (f", or pad to n={ring_padded_length(n, p, cfg, load_balance)}." if load_balance else ".")
+                + (f", or pad to n={ring_padded_length(n, p, cfg, load_balance)}." if load_balance and hint else ".")
             )
         if part % r:
             raise ValueError(
                 f"ring attention: n={n} over P={p} {unit} gives {what}, which is not a multiple of the "
                 f"dilation rate r={r} of segment s={s}; choose P so that every dilation rate divides it"
-                + (f", or pad to n={ring_padded_length(n, p, cfg, load_balance)}." if load_balance else ".")
+                + (f", or pad to n={ring_padded_length(n, p, cfg, load_balance)}." if load_balance and hint else ".")
             )
 
 
 def _valid(n: int, p: int, cfg: DilatedConfig, load_balance: str | None) -> bool:
     try:
-        _check(n, p, cfg, "devices", load_balance)
+        _check(n, p, cfg, "devices", load_balance, hint=False)
     except ValueError:
         return False
     return True

@@ -17,7 +17,7 @@ from jax_dilated.multihead import (
     MultiheadDilatedAttention,
     RingMultiheadDilatedAttention,
 )
-from jax_dilated.ring import ring_dilated_attention
+from jax_dilated.ring import from_zigzag, ring_dilated_attention, to_zigzag
 
 __all__ = [
     "BlockSparseMultiheadDilatedAttention",
@@ -30,9 +30,11 @@ __all__ = [
     "dilated_attention",
     "dilated_attention_decode",
     "dilated_attention_fn",
+    "from_zigzag",
     "improved_dilated_attention",
     "load_torch_checkpoint",
     "load_torch_state_dict",
     "ring_dilated_attention",
+    "to_zigzag",
     "to_torch_state_dict",
 ]

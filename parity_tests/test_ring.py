@@ -191,11 +191,11 @@ def test_hlo_spanning_groups_issue_m_minus_1_hops(p, seg, rates, merge, padding)
 ])
 def test_bad_sharding_raises(n, p, seg, rates, match):
     # Each configuration passes the single-device checks (n % s == 0, s % r == 0); only the sharding is bad.
+    # The plan raises (torch ranks hold fixed chunks); the JAX ring pads to ring_padded_length instead, exactly.
     rng = np.random.default_rng()
-    q = jnp.asarray(rng.standard_normal((1, n, 2, 2)))
-    jd.improved_dilated_attention(q, q, q, segment_lengths=seg, dilation_rates=rates)
-    with pytest.raises(ValueError, match=match):
-        jd.ring_dilated_attention(q, q, q, segment_lengths=seg, dilation_rates=rates, mesh=_mesh(p))
+    q = rng.standard_normal((1, n, 2, 2))
+    got = jd.ring_dilated_attention(jnp.asarray(q), q, q, segment_lengths=seg, dilation_rates=rates, mesh=_mesh(p))
+    np.testing.assert_allclose(np.asarray(got), ref.dilated_attention(q, q, q, seg, rates), rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match=match):
         ring_plan(n, p, DilatedConfig(seg, rates), unit="ranks")
 
@@ -255,10 +255,6 @@ try:
         tr.ring_dilated_attention(q, k, v, segment_lengths=(32,), dilation_rates=(32,))
     except ValueError as e:
         results["error"] = np.array(str(e))
-    try:  # autograd through a spanning group is refused, not silently wrong
-        tr.ring_dilated_attention(q.requires_grad_(), k, v, segment_lengths=(32,), dilation_rates=(1,))
-    except NotImplementedError as e:
-        results["grad_error"] = np.array(str(e))
     np.savez(os.path.join(folder, f"out{rank}.npz"), **results)
 finally:
     dist.destroy_process_group()
@@ -294,7 +290,6 @@ def test_torch_ring_gloo_matches_reference(world):
     for o in outs:
         assert re.search(rf"n=32 over P={world} ranks gives chunk c={32 // world}.*dilation rate r=32 of segment s=32",
                          str(o["error"]))
-        assert "no backward pass" in str(o["grad_error"])
 
 
 def test_torch_ring_without_process_group_is_improved():

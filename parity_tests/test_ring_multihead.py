@@ -72,3 +72,16 @@ def test_ring_modules_reject_dropout():
         jd.RingMultiheadDilatedAttention(16, 4, **CFG, dropout=0.1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"dropout=0.1: ring attention has no dropout"):
         tr.RingMultiheadDilatedAttention(16, 4, **CFG, dropout=0.1)
+
+
+def test_jax_ring_module_zigzag_equals_improved_module():
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.standard_normal((1, 32, 16)))
+    ring = jd.RingMultiheadDilatedAttention(16, 4, **CFG, mesh=_mesh(4), num_kv_heads=2, load_balance="zigzag",
+                                            rngs=nnx.Rngs(0))
+    improved = jd.ImprovedMultiheadDilatedAttention(16, 4, **CFG, num_kv_heads=2, rngs=nnx.Rngs(1))
+    nnx.update(improved, nnx.state(ring, nnx.Param))
+    got = jd.from_zigzag(ring(jd.to_zigzag(x, 4), is_causal=True), 4)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(improved(x, is_causal=True)), rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match=r"load_balance='zigzag' with rope_theta=10000.0"):
+        tr.RingMultiheadDilatedAttention(16, 4, **CFG, load_balance="zigzag", rope_theta=10000.0)

@@ -16,7 +16,7 @@ from torch_ref.multihead import (
     MultiheadDilatedAttention,
     RingMultiheadDilatedAttention,
 )
-from torch_ref.ring import RingDilatedAttention, ring_dilated_attention
+from torch_ref.ring import RingDilatedAttention, from_zigzag, ring_dilated_attention, to_zigzag
 
 __all__ = [
     "BlockSparseDilatedAttention",
@@ -33,7 +33,9 @@ __all__ = [
     "block_sparse_attention",
     "dilated_attention",
     "dilated_attention_decode",
+    "from_zigzag",
     "improved_dilated_attention",
     "ring_dilated_attention",
+    "to_zigzag",
     "state_dict_from_numpy",
 ]

@@ -1,22 +1,29 @@
 """Ring dilated attention over a torch.distributed process group (semantics section 7).
 
-The mirror of ``jax_dilated/ring.py``.
+The mirror of ``jax_dilated/ring.py``; :func:`dilated_plan.ring_layout` is the plan.
 
-Every rank of the group holds one contiguous chunk of ``c = n / P`` positions (rank ``p`` holds
-``[p * c, (p + 1) * c)``) and returns the same chunk of the output. Per attention branch:
+Every rank of the group holds ``c = n / P`` positions and returns the same positions of the output:
+rank ``p`` holds ``[p c, (p + 1) c)`` (``load_balance=None``) or half-chunks ``p`` and
+``2P - 1 - p`` (``"zigzag"``; reorder with :func:`to_zigzag`). Per attention branch:
 
-* ``c % s == 0``: the segments lie inside the chunk; the rank runs the improved branch locally.
-* ``s % c == 0``: a segment spans ``m = s / c`` consecutive ranks. Each rank dilates its chunk, then
-  the dilated key/value blocks move ``m - 1`` hops between the ranks of the segment with
-  ``dist.batch_isend_irecv``, merged with an online softmax. Under ``is_causal`` a rank neither
-  receives nor computes blocks from later ranks.
+* its segments fit in a part (a chunk, or a half-chunk under zigzag): the rank runs the improved
+  branch locally;
+* a segment spans several parts: each rank dilates its parts, then the dilated key/value blocks of
+  the branch's key/value heads (never repeated grouped-query heads) move around the ring of ranks
+  holding those segments with ``dist.batch_isend_irecv``; every tile the plan schedules is merged
+  with an online softmax. The backward pass (:class:`_RingBlocks`) replays the ring: the key/value
+  blocks travel with their gradient accumulators and, after a full turn, the accumulated ``dk, dv``
+  take one more hop home.
 
-No rank ever holds another rank's whole chunk of ``k``/``v``, only one dilated block in flight.
+Before the first message the ranks all-gather a small fingerprint of their shapes and
+configuration (one ``int64`` vector each), so ranks that disagree raise a ValueError instead of
+hanging. No rank ever holds another rank's whole chunk of ``k``/``v``, only one dilated block.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,8 +31,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dilated_plan import Branch, DilatedConfig, default_scale, ring_plan
-from torch_ref.branches import branch_attention, combine_branches, dilate, merge_lse, undilate
+from dilated_plan import Branch, DilatedConfig, default_scale
+from dilated_plan.config import kv_buckets
+from dilated_plan.ring import CAUSAL, RingLayout, check_load_balance, ring_layout, ring_padded_length
+from dilated_plan.ring import zigzag_inverse as _zigzag_inverse
+from dilated_plan.ring import zigzag_order as _zigzag_order
+from torch_ref.branches import _heads, branch_attention, combine_branches, dilate, merge_lse, undilate
 from torch_ref.checks import check_key_padding_mask, check_qkv
 from torch_ref.dilated import improved_dilated_attention
 from torch_ref.kernels import attend
@@ -33,13 +44,30 @@ from torch_ref.kernels import attend
 Tensor = torch.Tensor
 
 
+def to_zigzag(x: Tensor, num_devices: int) -> Tensor:
+    """Reorder the sequence dim (dim 1) of ``x`` ``(b, n, ...)`` into the zigzag layout for ``num_devices`` ranks.
+
+    Rank ``j`` then takes the contiguous chunk ``j`` of the result (half-chunks ``j`` and
+    ``2P - 1 - j``). ``n`` must be a multiple of ``2 * num_devices``.
+
+    >>> to_zigzag(torch.arange(8)[None], 2).tolist()
+    [[0, 1, 6, 7, 2, 3, 4, 5]]
+    """
+    return x.index_select(1, torch.as_tensor(_zigzag_order(x.shape[1], num_devices), device=x.device))
+
+
+def from_zigzag(x: Tensor, num_devices: int) -> Tensor:
+    """Inverse of :func:`to_zigzag`: ``(b, n, ...)`` in zigzag order back to the original order."""
+    return x.index_select(1, torch.as_tensor(_zigzag_inverse(x.shape[1], num_devices), device=x.device))
+
+
 def _exchange(tensors: list[Tensor], *, send_to: int | None, recv_from: int | None, group) -> list[Tensor]:
     """One hop: send ``tensors`` to global rank ``send_to`` and receive same-shaped ones from ``recv_from``."""
     ops, received = [], []
     if send_to is not None:
-        ops += [dist.P2POp(dist.isend, t, send_to, group, tag=i) for i, t in enumerate(tensors)]
+        ops += [dist.P2POp(dist.isend, t.contiguous(), send_to, group, tag=i) for i, t in enumerate(tensors)]
     if recv_from is not None:
-        received = [torch.empty_like(t) for t in tensors]
+        received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
         ops += [dist.P2POp(dist.irecv, t, recv_from, group, tag=i) for i, t in enumerate(received)]
     if ops:
         for work in dist.batch_isend_irecv(ops):
@@ -47,43 +75,166 @@ def _exchange(tensors: list[Tensor], *, send_to: int | None, recv_from: int | No
     return received
 
 
-def _spanning_branch(
-    q, k, v, key_padding_mask, br: Branch, *, chunk: int, span: int, group, scale: float, is_causal: bool
-):
-    """One branch whose segments span ``span`` ranks; this rank's tensors ``(b, chunk, ...)``.
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """The static part of one spanning branch on one rank."""
 
-    A segment starts on a chunk boundary and ``chunk % r == 0``, so the branch's kept positions in this
-    chunk are local positions ``offset, offset + r, ...``: dilating the chunk as one segment of
-    length ``chunk`` selects them in order.
-    """
-    b = q.shape[0]
-    local = dataclasses.replace(br, segment=chunk)
-    hs = br.head_slice
-    qd = dilate(q[:, :, hs], local)
-    kv = torch.stack([dilate(k[:, :, hs], local), dilate(v[:, :, hs], local)]).contiguous()  # one message per hop
-    valid = None if key_padding_mask is None else (~dilate(key_padding_mask, local)).to(torch.uint8).contiguous()
-    out, lse = attend(
-        qd, kv[0], kv[1], scale=scale, is_causal=is_causal, kv_valid=None if valid is None else valid.bool()
-    )
-    me = dist.get_rank(group)
-    rank, base = me % span, me - me % span
-    nxt = dist.get_global_rank(group, base + (rank + 1) % span)
-    prv = dist.get_global_rank(group, base + (rank - 1) % span)
-    for hop in range(1, span):
-        if is_causal:
-            # Blocks only travel forward: this rank receives the block of rank - hop while hop <= rank
-            # and passes on what it held while its successor still needs it. No future block arrives.
-            send = nxt if rank < span - 1 and hop - 1 <= rank else None
-            recv = prv if hop <= rank else None
-        else:
-            send, recv = nxt, prv
-        got = _exchange([kv] if valid is None else [kv, valid], send_to=send, recv_from=recv, group=group)
-        if not got:
-            continue
-        kv = got[0]
-        valid = got[1] if valid is not None else None
-        o, l = attend(qd, kv[0], kv[1], scale=scale, kv_valid=None if valid is None else valid.bool())
-        out, lse = merge_lse([out, o], [lse, l])
+    lay: RingLayout
+    group_index: int  # the (segment, rate) group
+    rank: int  # this rank's index in the process group
+    ring: tuple[int, ...]  # global ranks of the ring, in send order
+    position: int  # this rank's index in the ring
+    q_offsets: tuple[int, ...]  # bucket boundaries on the query heads
+    kv_offsets: tuple[int, ...]  # and on the key/value heads
+    scale: float
+    is_causal: bool
+    process_group: Any
+
+    @property
+    def next(self) -> int:
+        return self.ring[(self.position + 1) % len(self.ring)]
+
+    @property
+    def prev(self) -> int:
+        return self.ring[(self.position - 1) % len(self.ring)]
+
+    def schedule(self, hop: int) -> tuple[tuple[int, int, int], ...]:
+        return self.lay.schedule(self.group_index, self.rank, hop, self.is_causal)
+
+
+def _buckets(sp: _Spec):
+    q, kv = sp.q_offsets, sp.kv_offsets
+    return [(slice(q[u], q[u + 1]), slice(kv[u], kv[u + 1])) for u in range(len(q) - 1)]
+
+
+def _tile(sp: _Spec, qd: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, causal: bool) -> tuple[Tensor, Tensor]:
+    """Forward of one tile ``(b, L, Hq, d)`` against ``(b, L, Hkv, d)``: output and log-sum-exp."""
+    outs, lses = [], []
+    for qs, ks in _buckets(sp):
+        o, l = attend(qd[:, :, qs], k[:, :, ks], v[:, :, ks], scale=sp.scale, is_causal=causal, kv_valid=valid)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _tile_grads(sp: _Spec, qd, k, v, valid, causal, lse, dout, delta) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one tile from the merged log-sum-exp: ``P = exp(S - L)``, ``dS = P (dP - delta)``."""
+    acc = lse.dtype
+    dqs, dks, dvs = [], [], []
+    for qs, ks in _buckets(sp):
+        b, m, nq, d = qd[:, :, qs].shape
+        mk, nk = k.shape[1], k[:, :, ks].shape[2]
+        g = nq // nk
+        qg = qd[:, :, qs].to(acc).reshape(b, m, nk, g, d)
+        kb, vb = k[:, :, ks].to(acc), v[:, :, ks].to(acc)
+        s = torch.einsum("bqhgd,bkhd->bhgqk", qg, kb) * sp.scale
+        visible = torch.ones(b, 1, 1, m, mk, dtype=torch.bool, device=qd.device)
+        if causal:
+            visible = visible & torch.ones(m, mk, dtype=torch.bool, device=qd.device).tril()
+        if valid is not None:
+            visible = visible & valid[:, None, None, None, :]
+        lg = lse[:, :, qs].reshape(b, m, nk, g).permute(0, 2, 3, 1)[..., None]
+        ok = visible & torch.isfinite(lg)
+        p = torch.where(ok, torch.exp(s - torch.where(torch.isfinite(lg), lg, torch.zeros_like(lg))), 0.0)
+        dog = dout[:, :, qs].to(acc).reshape(b, m, nk, g, d)
+        dvs.append(torch.einsum("bhgqk,bqhgd->bkhd", p, dog))
+        dp = torch.einsum("bqhgd,bkhd->bhgqk", dog, vb)
+        ds = p * (dp - delta[:, :, qs].reshape(b, m, nk, g).permute(0, 2, 3, 1)[..., None])
+        dqs.append(torch.einsum("bhgqk,bkhd->bqhgd", ds, kb).reshape(b, m, nq, d) * sp.scale)
+        dks.append(torch.einsum("bhgqk,bqhgd->bkhd", ds, qg) * sp.scale)
+    return torch.cat(dqs, dim=2), torch.cat(dks, dim=2), torch.cat(dvs, dim=2)
+
+
+class _RingBlocks(torch.autograd.Function):
+    """The ring of one spanning branch: ``(b, parts, L, H, d)`` dilated blocks in, merged output and lse out."""
+
+    @staticmethod
+    def forward(ctx, qd, kd, vd, valid, sp: _Spec):  # type: ignore[override]
+        lay, m = sp.lay, len(sp.ring)
+        wrap = lay.wraps(sp.is_causal)
+        kv = torch.stack([kd, vd])
+        held = None if valid is None else valid.to(torch.uint8)
+        acc: list[Any] = [None] * lay.parts
+        for hop in range(m):
+            if hop:
+                i = sp.position
+                send = sp.next if wrap or (i < m - 1 and hop - 1 <= i) else None
+                recv = sp.prev if wrap or hop <= i else None
+                got = _exchange([kv] if held is None else [kv, held], send_to=send, recv_from=recv,
+                                group=sp.process_group)  # fmt: skip
+                if not got:
+                    continue
+                kv, held = got[0], (got[1] if held is not None else None)
+            for qj, kj, mode in sp.schedule(hop):
+                o, l = _tile(sp, qd[:, qj], kv[0][:, kj], kv[1][:, kj],
+                             None if held is None else held[:, kj].bool(), mode == CAUSAL)  # fmt: skip
+                acc[qj] = (o, l) if acc[qj] is None else merge_lse([acc[qj][0], o], [acc[qj][1], l])
+        out = torch.stack([a[0] for a in acc], dim=1)
+        lse = torch.stack([a[1] for a in acc], dim=1)
+        ctx.sp = sp
+        ctx.save_for_backward(qd, kd, vd, valid, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        sp: _Spec = ctx.sp
+        qd, kd, vd, valid, out, lse = ctx.saved_tensors
+        acc = lse.dtype
+        dout = torch.zeros_like(out) if dout is None else dout.to(acc)
+        delta = (dout * out).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.to(acc)
+        m = len(sp.ring)
+        kv = torch.stack([kd, vd])
+        held = None if valid is None else valid.to(torch.uint8)
+        dq = torch.zeros(qd.shape, dtype=acc, device=qd.device)
+        dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        # The blocks go all the way round (also for a causal contiguous ring: the gradients must come
+        # home); after m - 1 hops a rank holds its successor's block, whose dk, dv take one more hop.
+        for hop in range(m):
+            if hop:
+                msg = [kv, dkv] + ([] if held is None else [held])
+                got = _exchange(msg, send_to=sp.next, recv_from=sp.prev, group=sp.process_group)
+                kv, dkv = got[0], got[1]
+                held = got[2] if held is not None else None
+            for qj, kj, mode in sp.schedule(hop):
+                g_q, g_k, g_v = _tile_grads(sp, qd[:, qj], kv[0][:, kj], kv[1][:, kj],
+                                            None if held is None else held[:, kj].bool(), mode == CAUSAL,
+                                            lse[:, qj], dout[:, qj], delta[:, qj])  # fmt: skip
+                dq[:, qj] += g_q
+                dkv[0][:, kj] += g_k
+                dkv[1][:, kj] += g_v
+        if m > 1:
+            dkv = _exchange([dkv], send_to=sp.next, recv_from=sp.prev, group=sp.process_group)[0]
+        return dq.to(qd.dtype), dkv[0].to(kd.dtype), dkv[1].to(vd.dtype), None, None
+
+
+def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, lay: RingLayout, rank: int, group, scale, is_causal):
+    """One branch whose segments span several parts; this rank's tensors ``(b, chunk, ...)``."""
+    b, h = q.shape[0], q.shape[2]
+    buckets = kv_buckets(br.heads, h // k.shape[2])
+    q_heads = tuple(j for u in buckets for j in u.query_heads)
+    kv_heads = tuple(j for u in buckets for j in u.kv_heads)
+    parts, length = lay.parts, lay.part // br.rate
+    local = dataclasses.replace(br, segment=lay.part)
+
+    def dil(x):
+        return dilate(x, local).reshape(b, parts, length, *x.shape[2:])
+
+    ring = lay.ring_of(br.group, rank)
+    qo, ko = [0], [0]
+    for u in buckets:
+        qo.append(qo[-1] + len(u.query_heads))
+        ko.append(ko[-1] + len(u.kv_heads))
+    sp = _Spec(lay, br.group, rank, tuple(dist.get_global_rank(group, r) for r in ring), ring.index(rank),
+               tuple(qo), tuple(ko), scale, is_causal, group)  # fmt: skip
+    valid = None if key_padding_mask is None else ~dil(key_padding_mask)
+    out, lse = _RingBlocks.apply(dil(_heads(q, q_heads)), dil(_heads(k, kv_heads)), dil(_heads(v, kv_heads)), valid, sp)
+    out = out.reshape(b * parts, length, len(q_heads), -1)
+    lse = lse.reshape(b * parts, length, len(q_heads))
+    if len(buckets) > 1:
+        order = torch.argsort(torch.tensor(q_heads, device=q.device))
+        out, lse = out.index_select(2, order), lse.index_select(2, order)
     return undilate(out, local, b, 0.0), undilate(lse, local, b, float("-inf"))
 
 
@@ -91,6 +242,57 @@ def _group_size(group) -> int:
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
+
+
+_FIELDS = ("q shape", "k shape", "v shape", "key_padding_mask shape", "dtype", "segment_lengths/dilation_rates",
+           "merge", "is_causal", "scale", "load_balance", "autograd", "input check")  # fmt: skip
+
+
+def _fingerprint(q, k, v, mask, cfg_key, merge, is_causal, scale, load_balance, grad, error) -> list[list[int]]:
+    def shape(x, size):
+        s = list(x.shape) if isinstance(x, Tensor) and x.ndim == size else [-1] * size
+        return s + [-1] * (size - len(s))
+
+    def code(x) -> int:
+        return zlib.crc32(repr(x).encode())
+
+    return [shape(q, 4), shape(k, 4), shape(v, 4), [-2, -2] if mask is None else shape(mask, 2),
+            [code(getattr(q, "dtype", None))], [code(cfg_key)], [code(merge)], [int(bool(is_causal))], [code(scale)],
+            [code(load_balance)], [int(grad)], [int(error is not None)]]  # fmt: skip
+
+
+def _agree(group, device, fields: list[list[int]], error: Exception | None) -> None:
+    """All-gather every rank's fingerprint; raise the same ValueError on every rank when they differ.
+
+    Runs before the first message of a call, so a disagreement is an error, never a hang.
+    """
+    flat = [x for f in fields for x in f]
+    mine = torch.tensor(flat, dtype=torch.int64, device=device)
+    world = dist.get_world_size(group)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    rows = [g.tolist() for g in gathered]
+    bounds, start = [], 0
+    for f in fields:
+        bounds.append((start, start + len(f)))
+        start += len(f)
+    bad = [name for name, (a, b) in zip(_FIELDS, bounds, strict=True) if len({tuple(r[a:b]) for r in rows}) > 1]
+    failed = [r for r, row in enumerate(rows) if row[-1]]
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"ring attention: the inputs of rank(s) {failed} of the process group failed their checks "
+                         f"(their error names the fix); every rank must pass valid inputs.")  # fmt: skip
+    if bad:
+        detail = "; ".join(
+            f"{name}: " + ", ".join(f"rank {r} {tuple(row[a:b])}" for r, row in enumerate(rows))
+            for name, (a, b) in zip(_FIELDS, bounds, strict=True)
+            if name in bad
+        )
+        raise ValueError(
+            f"ring attention: the ranks of the process group disagree on {', '.join(bad)} ({detail}); every rank "
+            f"must pass its chunk of the same shapes and the same configuration."
+        )
 
 
 def ring_dilated_attention(
@@ -105,86 +307,89 @@ def ring_dilated_attention(
     scale: float | None = None,
     merge: str = "head_partition",
     key_padding_mask: Tensor | None = None,
+    load_balance: str | None = None,
 ) -> Tensor:
     """Dilated attention with the sequence split over the ranks of ``group`` (docs/semantics.md section 7).
 
     Computes exactly :func:`torch_ref.dilated_attention` on the whole sequence of ``n = c * P``
-    positions, where rank ``p`` holds positions ``[p * c, (p + 1) * c)``.
+    positions, where rank ``p`` holds positions ``[p * c, (p + 1) * c)`` (``load_balance=None``) or
+    chunk ``p`` of :func:`to_zigzag` of the sequence (``"zigzag"``: half-chunks ``p`` and
+    ``2P - 1 - p``; causality and masks keep meaning original positions). Differentiable: the
+    backward of a spanning group replays the ring and sends ``dk, dv`` home.
 
     Args:
-      q, k, v: this rank's chunk, ``(b, c, h, d)``.
+      q: this rank's chunk ``(b, c, h, d)``; k, v: ``(b, c, h_kv, d)``, ``h`` a multiple of ``h_kv``.
       segment_lengths, dilation_rates, is_causal, scale, merge: as in :func:`dilated_attention`.
       group: the ``torch.distributed`` process group; ``None`` uses the default group when
         ``torch.distributed`` is initialised and runs :func:`improved_dilated_attention` on the
         chunk (as the whole sequence) when it is not. A group of size 1 is improved as well.
       key_padding_mask: optional ``(b, c)`` boolean chunk of the mask, True = padding.
+      load_balance: ``None`` (contiguous chunks) or ``"zigzag"``.
 
     Returns:
       This rank's chunk of the output, ``(b, c, h, d)`` in the dtype of ``q``.
 
     Raises:
-      ValueError: the checks of :func:`dilated_attention` on the whole sequence, and the SPEC 7
-        sharding constraints (see :func:`dilated_plan.ring_plan`).
-      NotImplementedError: autograd through a group whose segments span ranks (the exchange has no
-        backward pass); local groups differentiate normally.
+      ValueError: the checks of :func:`dilated_attention` on the whole sequence, the sharding
+        constraints of :func:`dilated_plan.ring_layout` (with the padded length that would satisfy
+        them), and ranks that disagree on shapes or configuration (checked before any message).
     """
     num = _group_size(group)
-    kw: dict[str, Any] = dict(
-        segment_lengths=segment_lengths,
-        dilation_rates=dilation_rates,
-        is_causal=is_causal,
-        scale=scale,
-        merge=merge,
-        key_padding_mask=key_padding_mask,
-    )
     if num == 1:
+        kw: dict[str, Any] = dict(segment_lengths=segment_lengths, dilation_rates=dilation_rates)
+        kw.update(is_causal=is_causal, scale=scale, merge=merge, key_padding_mask=key_padding_mask)
         return improved_dilated_attention(q, k, v, **kw)
     group = dist.group.WORLD if group is None else group
-    cfg = DilatedConfig(segment_lengths, dilation_rates, merge)
-    check_qkv(q, k, v)
-    b, c, h, d = q.shape
-    n = c * num
-    cfg.check_sequence(n)
-    cfg.check_heads(h)
-    check_key_padding_mask(key_padding_mask, b, c)
-    if n == 0:
+    grad = torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in (q, k, v))
+    error: Exception | None = None
+    lay = None
+    try:
+        load_balance = check_load_balance(load_balance)
+        cfg = DilatedConfig(segment_lengths, dilation_rates, merge)
+        check_qkv(q, k, v)
+        b, c, h, d = q.shape
+        n = c * num
+        cfg.check_heads(h)
+        check_key_padding_mask(key_padding_mask, b, c)
+        if n:
+            try:
+                lay = ring_layout(n, num, cfg, load_balance, unit="ranks")
+            except ValueError as e:
+                raise ValueError(
+                    f"{e} Or pad the whole sequence to n={ring_padded_length(n, num, cfg, load_balance)} "
+                    f"(dilated_plan.ring_padded_length) and mark the padding in key_padding_mask: the outputs at "
+                    f"real positions are exact."
+                ) from None
+    except (ValueError, TypeError) as e:
+        error = e
+    key = (tuple(segment_lengths) if isinstance(segment_lengths, Sequence) else segment_lengths,
+           tuple(dilation_rates) if isinstance(dilation_rates, Sequence) else dilation_rates)  # fmt: skip
+    fields = _fingerprint(q, k, v, key_padding_mask, key, merge, is_causal, scale, load_balance, grad, error)
+    _agree(group, q.device if isinstance(q, Tensor) else torch.device("cpu"), fields, error)
+    if lay is None:
         return torch.zeros_like(q)
-    chunk, spans = ring_plan(n, num, cfg, unit="ranks")
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)) and max(spans) > 1:
-        raise NotImplementedError(
-            f"ring attention has no backward pass for segments spanning ranks (segment_lengths={cfg.segment_lengths}, "
-            f"chunk c={chunk}); run it under torch.no_grad(), or use segments that fit in a chunk."
-        )
     scale = default_scale(d, scale)
+    rank = dist.get_rank(group)
     branches = cfg.branches(h)
     outs, lses = [], []
     for br in branches:
-        span = spans[br.group]
-        if span == 1:
-            o, l = branch_attention(
-                q,
-                k,
-                v,
-                key_padding_mask,
-                br,
-                scale=scale,
-                is_causal=bool(is_causal),
-                dropout_p=0.0,
-                need_lse=cfg.merge == "lse",
-            )
+        if lay.local(br.group):
+            bkw: dict[str, Any] = dict(scale=scale, is_causal=bool(is_causal), dropout_p=0.0)
+            bkw.update(need_lse=cfg.merge == "lse")
+            if lay.parts == 1:
+                o, l = branch_attention(q, k, v, key_padding_mask, br, **bkw)
+            else:  # each half-chunk holds whole segments: run them as one batch of two
+
+                def halves(x: Tensor) -> Tensor:
+                    return x.reshape(b * 2, c // 2, *x.shape[2:])
+
+                pad = None if key_padding_mask is None else halves(key_padding_mask)
+                o, l = branch_attention(halves(q), halves(k), halves(v), pad, br, **bkw)
+                o = o.reshape(b, c, *o.shape[2:])
+                l = None if l is None else l.reshape(b, c, *l.shape[2:])
         else:
-            o, l = _spanning_branch(
-                q,
-                k,
-                v,
-                key_padding_mask,
-                br,
-                chunk=chunk,
-                span=span,
-                group=group,
-                scale=scale,
-                is_causal=bool(is_causal),
-            )
+            o, l = _spanning_branch(q, k, v, key_padding_mask, br, lay=lay, rank=rank, group=group, scale=scale,
+                                    is_causal=bool(is_causal))  # fmt: skip
         outs.append(o)
         lses.append(l)
     return combine_branches(cfg, branches, outs, lses).to(q.dtype)
@@ -198,9 +403,10 @@ class RingDilatedAttention(nn.Module):
       group: the ``torch.distributed`` process group (``None``: the default group if initialised).
       scale: score scale, default ``1 / sqrt(head_dim)``.
       merge: ``"head_partition"`` or ``"lse"``.
+      load_balance: ``None`` or ``"zigzag"`` (inputs in :func:`to_zigzag` order).
 
     ``forward(q, k, v, is_causal=False, key_padding_mask=None)`` takes this rank's ``(b, c, h, d)``
-    chunks and returns this rank's ``(b, c, h, d)`` chunk of the output.
+    (``k, v``: ``(b, c, h_kv, d)``) chunks and returns this rank's ``(b, c, h, d)`` chunk of the output.
     """
 
     def __init__(
@@ -211,6 +417,7 @@ class RingDilatedAttention(nn.Module):
         group=None,
         scale: float | None = None,
         merge: str = "head_partition",
+        load_balance: str | None = None,
     ) -> None:
         super().__init__()
         cfg = DilatedConfig(segment_lengths, dilation_rates, merge)
@@ -219,6 +426,7 @@ class RingDilatedAttention(nn.Module):
         self.merge = cfg.merge
         self.group = group
         self.scale = None if scale is None else float(scale)
+        self.load_balance = check_load_balance(load_balance)
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Tensor | None = None
@@ -234,10 +442,11 @@ class RingDilatedAttention(nn.Module):
             scale=self.scale,
             merge=self.merge,
             key_padding_mask=key_padding_mask,
+            load_balance=self.load_balance,
         )
 
     def extra_repr(self) -> str:
         return (
             f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
-            f"merge={self.merge!r}, scale={self.scale}"
+            f"merge={self.merge!r}, scale={self.scale}, load_balance={self.load_balance!r}"
         )
