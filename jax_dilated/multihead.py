@@ -338,7 +338,9 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
     the same way. ``mesh=None`` (or an axis of size 1) computes exactly
     :class:`ImprovedMultiheadDilatedAttention`. Ring attention has no dropout: ``dropout`` must be 0.
     Further arguments as :class:`MultiheadDilatedAttention`; ``mesh`` is a ``jax.sharding.Mesh`` with
-    an axis ``axis_name`` (the one the sequence is sharded over), or None.
+    an axis ``axis_name`` (the one the sequence is sharded over), or None. ``load_balance="zigzag"``
+    takes ``x`` (and masks) in :func:`jax_dilated.to_zigzag` order and returns that order (no rotary
+    embedding then: its positions would be the zigzag indices).
 
     >>> mesh = jax.make_mesh((1,), ("seq",))
     >>> mha = RingMultiheadDilatedAttention(32, 4, (8, 16), (1, 2), mesh=mesh, rngs=nnx.Rngs(0))
@@ -355,6 +357,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         *,
         mesh: jax.sharding.Mesh | None = None,
         axis_name: str = "seq",
+        load_balance: str | None = None,
         dropout: float = 0.0,
         bias: bool = True,
         layer_norm: bool = True,
@@ -373,6 +376,11 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
                 f"dropout={dropout}: ring attention has no dropout; pass dropout=0.0 or use "
                 f"ImprovedMultiheadDilatedAttention."
             )
+        if load_balance is not None and rope_theta is not None:
+            raise ValueError(
+                f"load_balance={load_balance!r} with rope_theta={rope_theta}: the module would rotate by zigzag "
+                f"indices, not original positions; pass rope_theta=None (rotate q, k yourself) or load_balance=None."
+            )
         options = ModuleOptions(0.0, bias, layer_norm, layer_norm_eps, gamma_init, rope_theta)
         heads = Heads(embed_dim, num_heads, num_kv_heads)
         MultiheadAttentionBase.__init__(self, heads, options, dtype, param_dtype, implementation, rngs)
@@ -380,6 +388,9 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         self.config.check_heads(self.num_heads)
         self.mesh = mesh
         self.axis_name = axis_name
+        from dilated_plan.ring import check_load_balance  # here: only this class takes load_balance
+
+        self.load_balance = check_load_balance(load_balance)
 
     def _attend(self, q, k, v, mask, docs, is_causal, rate, rng):
         if docs is not None:
@@ -394,6 +405,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             merge=cfg.merge,
             key_padding_mask=mask,
             is_causal=is_causal,
+            load_balance=self.load_balance,
             **kw,
         )
 

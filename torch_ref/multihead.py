@@ -251,7 +251,8 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
     Every rank of ``group`` passes its own chunk ``(b, n / P, E)`` of the sequence and gets its chunk
     of the output. ``group=None`` uses the default process group, or, when ``torch.distributed`` is
     not initialised, computes exactly :class:`ImprovedMultiheadDilatedAttention`. Ring attention has
-    no dropout: ``dropout`` must be 0.
+    no dropout: ``dropout`` must be 0. ``load_balance="zigzag"``: each rank passes its chunk of
+    :func:`torch_ref.to_zigzag` of the sequence (no rotary embedding then).
     """
 
     def __init__(
@@ -262,6 +263,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         dilation_rates: Sequence[int],
         *,
         group: object = None,
+        load_balance: str | None = None,
         dropout: float = 0.0,
         bias: bool = True,
         layer_norm: bool = True,
@@ -278,12 +280,20 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
                 f"dropout={dropout}: ring attention has no dropout; pass dropout=0.0 or use "
                 f"ImprovedMultiheadDilatedAttention."
             )
+        if load_balance is not None and rope_theta is not None:
+            raise ValueError(
+                f"load_balance={load_balance!r} with rope_theta={rope_theta}: the module would rotate by zigzag "
+                f"indices, not original positions; pass rope_theta=None (rotate q, k yourself) or load_balance=None."
+            )
         options = ModuleOptions(0.0, bias, layer_norm, layer_norm_eps, gamma_init, rope_theta)
         heads = Heads(embed_dim, num_heads, num_kv_heads)
         MultiheadAttentionBase.__init__(self, heads, options, dict(device=device, dtype=dtype))
         self.config = DilatedConfig(segment_lengths, dilation_rates, merge)
         self.config.check_heads(self.num_heads)
         self.group = group
+        from dilated_plan.ring import check_load_balance  # here: only this class takes load_balance
+
+        self.load_balance = check_load_balance(load_balance)
 
     def _attend(self, q, k, v, mask, docs, is_causal, p):
         if docs is not None:
@@ -299,6 +309,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             group=self.group,
             key_padding_mask=mask,
             is_causal=is_causal,
+            load_balance=self.load_balance,
         )
 
 
