@@ -75,8 +75,9 @@ SCALING: tuple[Config, ...] = (
 
 def config_cases(config: Config, base: Case) -> list[tuple[str, Case]]:
     """``(section, case)`` of one configuration: ring at every device count, improved at one device."""
-    one = dataclasses.replace(base, seq_len=config.seq_len, segment_lengths=config.segment_lengths,
-                              dilation_rates=config.dilation_rates)
+    one = dataclasses.replace(
+        base, seq_len=config.seq_len, segment_lengths=config.segment_lengths, dilation_rates=config.dilation_rates
+    )
     out = [(RING, dataclasses.replace(one, variant="ring_v2_collective", devices=p)) for p in config.device_counts]
     if 1 in config.device_counts:
         out.append((IMPROVED, dataclasses.replace(one, variant="improved", devices=1)))
@@ -86,8 +87,11 @@ def config_cases(config: Config, base: Case) -> list[tuple[str, Case]]:
 def run(configs: Sequence[Config], base: Case, timeout: float) -> list[Row]:
     """Measure every case of ``configs`` through the runner; rows carry ``config`` (the name)."""
     planned = [(c.name, section, case) for c in configs for section, case in config_cases(c, base)]
-    measured = run_cases([case for _, _, case in planned], timeout,
-                         lambda case: f"ring scaling: {case.variant} n={case.seq_len} P={case.devices}")
+    measured = run_cases(
+        [case for _, _, case in planned],
+        timeout,
+        lambda case: f"ring scaling: {case.variant} n={case.seq_len} P={case.devices}",
+    )
     return [dict(make_row(case, measured[case], section), config=name) for name, section, case in planned]
 
 
@@ -118,13 +122,46 @@ def markdown(rows: Sequence[Row]) -> str:
     body = []
     for r in ring:
         rss_per = None if r["memory_mb"] is None else r["memory_mb"] / r["devices"]
-        body.append([r["config"], r["seq_len"], tuple(r["segment_lengths"]), tuple(r["dilation_rates"]), r["devices"],
-                     r["seq_len"] // r["devices"], _fmt(r["time_ms"]), _fmt(r["xla_device_mb"]),
-                     vs_one(r, "xla_device_mb"), _fmt(r["xla_temp_mb"]), vs_one(r, "xla_temp_mb"),
-                     _fmt(r["memory_mb"]), _fmt(rss_per), vs_one(r, "memory_mb", per_device=True),
-                     "" if r["collectives"] is None else r["collectives"], _fmt(r["comm_mb"], 2), status_cell(r, 60)])
-    headers = ["config", "n", "segments", "rates", "P", "chunk", "time (ms)", "device MiB", "vs P=1", "act MiB",
-               "vs P=1", "RSS MiB", "RSS/P MiB", "vs P=1", "collectives", "comm MiB/device", "status"]
+        body.append(
+            [
+                r["config"],
+                r["seq_len"],
+                tuple(r["segment_lengths"]),
+                tuple(r["dilation_rates"]),
+                r["devices"],
+                r["seq_len"] // r["devices"],
+                _fmt(r["time_ms"]),
+                _fmt(r["xla_device_mb"]),
+                vs_one(r, "xla_device_mb"),
+                _fmt(r["xla_temp_mb"]),
+                vs_one(r, "xla_temp_mb"),
+                _fmt(r["memory_mb"]),
+                _fmt(rss_per),
+                vs_one(r, "memory_mb", per_device=True),
+                "" if r["collectives"] is None else r["collectives"],
+                _fmt(r["comm_mb"], 2),
+                status_cell(r, 60),
+            ]
+        )
+    headers = [
+        "config",
+        "n",
+        "segments",
+        "rates",
+        "P",
+        "chunk",
+        "time (ms)",
+        "device MiB",
+        "vs P=1",
+        "act MiB",
+        "vs P=1",
+        "RSS MiB",
+        "RSS/P MiB",
+        "vs P=1",
+        "collectives",
+        "comm MiB/device",
+        "status",
+    ]
     out = [
         "# Ring dilated attention: scaling on simulated CPU devices",
         "",
@@ -145,13 +182,38 @@ def markdown(rows: Sequence[Row]) -> str:
     one = [(r, improved.get((r["config"], r["seq_len"]))) for r in ring if r["devices"] == 1]
     one = [(r, i) for r, i in one if i is not None]
     if one:
-        body = [[r["config"], r["seq_len"], _fmt(r["time_ms"]), _fmt(i["time_ms"]),
-                 _fmt(_ratio(r["time_ms"], i["time_ms"]), 3), _fmt(r["xla_temp_mb"]), _fmt(i["xla_temp_mb"])]
-                for r, i in one]
-        out += ["", "One device: ring (`mesh=None`, which runs the improved program) vs improved, each in its own "
-                "subprocess, same inputs and method.", "",
-                tabulate(body, headers=["config", "n", "ring (ms)", "improved (ms)", "ring / improved",
-                                        "act MiB ring", "act MiB improved"], tablefmt="github", disable_numparse=True)]
+        body = [
+            [
+                r["config"],
+                r["seq_len"],
+                _fmt(r["time_ms"]),
+                _fmt(i["time_ms"]),
+                _fmt(_ratio(r["time_ms"], i["time_ms"]), 3),
+                _fmt(r["xla_temp_mb"]),
+                _fmt(i["xla_temp_mb"]),
+            ]
+            for r, i in one
+        ]
+        out += [
+            "",
+            "One device: ring (`mesh=None`, which runs the improved program) vs improved, each in its own "
+            "subprocess, same inputs and method.",
+            "",
+            tabulate(
+                body,
+                headers=[
+                    "config",
+                    "n",
+                    "ring (ms)",
+                    "improved (ms)",
+                    "ring / improved",
+                    "act MiB ring",
+                    "act MiB improved",
+                ],
+                tablefmt="github",
+                disable_numparse=True,
+            ),
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -180,17 +242,31 @@ def work_table(configs: Sequence[Config], heads: int, causal: bool = True) -> st
                 row += [" ".join(map(str, tiles)), f"{balance(tiles):.3f}"]
             row.append(f"{work['zigzag'] / work[None]:.3f}" if len(work) == 2 and work[None] else "")
             body.append(row)
-    headers = ["config", "n", "segments", "P", "tiles/device contiguous", "max/mean", "tiles/device zigzag",
-               "max/mean", "step time zigzag / contiguous"]
-    return "\n".join([
-        f"## Ring work per device ({'causal' if causal else 'bidirectional'}, {heads} heads, from the plan)",
-        "",
-        "A tile is one kernel call of a spanning branch: one part's dilated queries against one part's dilated keys "
-        "(contiguous: a chunk, zigzag: a half-chunk). The modelled step time is the largest per-device score-element "
-        "count (spanning and local branches, `dilated_plan.ring.ring_work`).",
-        "",
-        tabulate(body, headers=headers, tablefmt="github", disable_numparse=True),
-    ]) + "\n"
+    headers = [
+        "config",
+        "n",
+        "segments",
+        "P",
+        "tiles/device contiguous",
+        "max/mean",
+        "tiles/device zigzag",
+        "max/mean",
+        "step time zigzag / contiguous",
+    ]
+    return (
+        "\n".join(
+            [
+                f"## Ring work per device ({'causal' if causal else 'bidirectional'}, {heads} heads, from the plan)",
+                "",
+                "A tile is one kernel call of a spanning branch: one part's dilated queries against one part's dilated keys "
+                "(contiguous: a chunk, zigzag: a half-chunk). The modelled step time is the largest per-device score-element "
+                "count (spanning and local branches, `dilated_plan.ring.ring_work`).",
+                "",
+                tabulate(body, headers=headers, tablefmt="github", disable_numparse=True),
+            ]
+        )
+        + "\n"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -200,8 +276,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--configs", default=",".join(c.name for c in SCALING),
-                        help="comma-separated subset of: " + ", ".join(c.name for c in SCALING))
+    parser.add_argument(
+        "--configs",
+        default=",".join(c.name for c in SCALING),
+        help="comma-separated subset of: " + ", ".join(c.name for c in SCALING),
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the existing json")
@@ -218,8 +297,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = wanted - {c.name for c in SCALING}
     if unknown:
         parser.error(f"--configs: unknown {sorted(unknown)}; choose from {', '.join(c.name for c in SCALING)}")
-    base = Case("ring_v2_collective", "jax", batch=args.batch, heads=args.heads, head_dim=args.head_dim,
-                causal=args.causal, repeats=args.repeats)
+    base = Case(
+        "ring_v2_collective",
+        "jax",
+        batch=args.batch,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        causal=args.causal,
+        repeats=args.repeats,
+    )
     rows = run([c for c in SCALING if c.name in wanted], base, args.timeout)
     args.out.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")

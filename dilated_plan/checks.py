@@ -128,19 +128,21 @@ def check_qkv(q: Any, k: Any, v: Any, is_floating) -> None:
         raise TypeError(f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype.")
 
 
+def _check_per_position(name: str, x: Any, batch: int, n: int, has_kind, kind: str, meaning: str) -> None:
+    """Raise unless ``x`` is None or a ``(batch, n)`` array for which ``has_kind(x)`` holds."""
+    if x is None:
+        return
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} is a {type(x).__name__}; pass a {kind} (batch, seq) array.")
+    if tuple(x.shape) != (batch, n):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}; expected (batch, seq) = ({batch}, {n}), {meaning}.")
+    if not has_kind(x):
+        raise TypeError(f"{name} has dtype {x.dtype}; pass a {kind} array ({meaning}).")
+
+
 def check_key_padding_mask(mask: Any, batch: int, n: int, is_bool) -> None:
     """Raise unless ``mask`` is None or a boolean ``(batch, n)`` array (True = padding)."""
-    if mask is None:
-        return
-    if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
-        raise TypeError(f"key_padding_mask is a {type(mask).__name__}; pass a boolean (batch, seq) array.")
-    if tuple(mask.shape) != (batch, n):
-        raise ValueError(
-            f"key_padding_mask has shape {tuple(mask.shape)}; expected (batch, seq) = ({batch}, {n}), "
-            f"True where a key is padding."
-        )
-    if not is_bool(mask):
-        raise TypeError(f"key_padding_mask has dtype {mask.dtype}; pass a boolean array (True = padding).")
+    _check_per_position("key_padding_mask", mask, batch, n, is_bool, "boolean", "True where a key is padding")
 
 
 def check_module_inputs(query: Any, key: Any, value: Any, embed_dim: int, is_floating) -> None:
@@ -190,17 +192,8 @@ def default_key_value(query: Any, key: Any, value: Any) -> tuple[Any, Any]:
 
 def check_document_ids(ids: Any, batch: int, n: int, is_integer) -> None:
     """Raise unless ``ids`` is None or an integer ``(batch, n)`` array (one document id per position)."""
-    if ids is None:
-        return
-    if not hasattr(ids, "shape") or not hasattr(ids, "dtype"):
-        raise TypeError(f"document_ids is a {type(ids).__name__}; pass an integer (batch, seq) array.")
-    if tuple(ids.shape) != (batch, n):
-        raise ValueError(
-            f"document_ids has shape {tuple(ids.shape)}; expected (batch, seq) = ({batch}, {n}), one integer "
-            f"per position (a document is a maximal run of equal ids)."
-        )
-    if not is_integer(ids):
-        raise TypeError(f"document_ids has dtype {ids.dtype}; pass integers (e.g. int32), one id per position.")
+    meaning = "one integer per position (a document is a maximal run of equal ids)"
+    _check_per_position("document_ids", ids, batch, n, is_integer, "integer", meaning)
 
 
 def check_generation(prompt_length: int, max_new_tokens: Any, temperature: Any, top_k: Any, vocab_size: int) -> None:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dilated_plan import DilatedConfig, Heads, ModuleOptions, check_block_options
-from dilated_plan.checks import default_key_value
+from dilated_plan.checks import check_is_causal, default_key_value
 from jax_dilated.block_sparse import block_sparse_attention
 from jax_dilated.checks import check_module_inputs
 from jax_dilated.decode import dilated_attention_decode
@@ -32,6 +32,17 @@ from jax_dilated.layers import LayerNorm, Linear, positions, rotary
 from jax_dilated.ring import ring_dilated_attention
 
 Array = jax.Array
+
+
+def _dropout_stream(rngs: nnx.Rngs, rate: float) -> nnx.RngStream:
+    """A fork of the ``dropout`` stream of ``rngs`` (or of its ``default`` one), else a clear error."""
+    try:
+        return rngs.dropout.fork()
+    except AttributeError:
+        raise ValueError(
+            f"dropout={rate} needs a 'dropout' (or 'default') stream in rngs; pass "
+            f"nnx.Rngs(params=..., dropout=...) or nnx.Rngs(seed)."
+        ) from None
 
 
 class MultiheadAttentionBase(nnx.Module):
@@ -68,7 +79,7 @@ class MultiheadAttentionBase(nnx.Module):
         # NNX convention (as nnx.Dropout): .train()/.eval() and nnx.view(deterministic=...) set this flag;
         # dropout keys come from the `dropout` stream of `rngs`.
         self.deterministic = False
-        self.rngs = rngs.dropout.fork() if self.dropout > 0 else nnx.data(None)
+        self.rngs = _dropout_stream(rngs, self.dropout) if self.dropout > 0 else nnx.data(None)
         # Autoregressive decoding (semantics section 12), the nnx.MultiHeadAttention names.
         self.decode = False
         self.cached_key: nnx.Cache | None = nnx.data(None)
@@ -187,7 +198,7 @@ class MultiheadAttentionBase(nnx.Module):
         if self.rope_theta is not None:
             pos = positions(b, n, None if document_ids is None else jnp.asarray(document_ids))
             q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
-        o = self._attend(q, k, v, key_padding_mask, document_ids, bool(is_causal), rate, rng)
+        o = self._attend(q, k, v, key_padding_mask, document_ids, check_is_causal(is_causal), rate, rng)
         o = o.reshape(b, n, self.embed_dim)
         if self.norm is not None:
             o = self.norm(o)

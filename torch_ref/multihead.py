@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dilated_plan import DilatedConfig, Heads, ModuleOptions, check_block_options
-from dilated_plan.checks import check_positive_int, default_key_value
+from dilated_plan.checks import check_is_causal, check_positive_int, default_key_value
 from torch_ref.block_sparse import block_sparse_attention
 from torch_ref.checks import check_module_inputs
 from torch_ref.decode import KVCache, dilated_attention_decode
@@ -110,7 +110,7 @@ class MultiheadAttentionBase(nn.Module):
             pos = positions(b, n, document_ids, device=query.device)
             q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
         p = self.dropout if self.training else 0.0
-        o = self._attend(q, k, v, key_padding_mask, document_ids, bool(is_causal), p)
+        o = self._attend(q, k, v, key_padding_mask, document_ids, check_is_causal(is_causal), p)
         return self._output(o.reshape(b, n, self.embed_dim), dtype)
 
     @staticmethod
