@@ -258,9 +258,9 @@ def work_table(configs: Sequence[Config], heads: int, causal: bool = True) -> st
             [
                 f"## Ring work per device ({'causal' if causal else 'bidirectional'}, {heads} heads, from the plan)",
                 "",
-                "A tile is one kernel call of a spanning branch: one part's dilated queries against one part's dilated keys "
-                "(contiguous: a chunk, zigzag: a half-chunk). The modelled step time is the largest per-device score-element "
-                "count (spanning and local branches, `dilated_plan.ring.ring_work`).",
+                "A tile is one kernel call of a spanning branch: one part's dilated queries against one part's "
+                "dilated keys (contiguous: a chunk, zigzag: a half-chunk). The modelled step time is the largest "
+                "per-device score-element count (spanning and local branches, `dilated_plan.ring.ring_work`).",
                 "",
                 tabulate(body, headers=headers, tablefmt="github", disable_numparse=True),
             ]
