@@ -10,10 +10,11 @@ The other modules, one concept each, imported in this order (none imports a late
 - ``case``     plain data: :class:`~benchmarks.case.Case`, :class:`~benchmarks.case.Measurement`, the
   status and failure-kind enums;
 - ``flops``    useful floating-point work as formulas of the shapes;
-- ``variants`` the typed registry of variants and their builders (and the rows planned for later);
+- ``variants`` the typed registry of variants and their builders (the decode step among them; and the
+  rows planned for later);
 - ``runner``   the fresh-subprocess harness: timing, memory, failures, timeouts, the progress bar;
 - ``rows``     result rows (the objects of ``results.json``) from a case and its measurement;
-- ``plan``     which cases each section of a run holds (main, modes, peak);
+- ``plan``     which cases each section of a run holds (main, modes, peak, shapes, decode);
 - ``seed``     the seed package's published table and the cases that rerun its configuration;
 - ``report``   tables, figures, results.json/results.csv and REPORT.md;
 - ``cli``      the command line that ties them together;

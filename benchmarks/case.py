@@ -45,6 +45,15 @@ class Case:
     ``matmul`` multiplies two ``(seq_len, seq_len)`` matrices (the machine's peak). ``causal`` and
     ``backward`` (time forward + backward) belong to each case, so that one run can hold every mode.
     ``devices > 1`` shards the sequence over that many (simulated, on CPU) devices (ring attention).
+
+    Shapes of real models (attention functions): ``num_kv_heads`` gives ``k, v`` that many heads
+    (grouped-query attention; None = ``heads``), ``documents > 0`` packs that many equal documents
+    into each row (``document_ids = position // (seq_len // documents)``; 0 = unpacked).
+
+    The ``decode`` variant times one decode step with a key/value cache: ``seq_len`` is the cache
+    length (``max_length``) and ``position`` the cache index of the new token (it sees positions
+    ``0 .. position``). ``steps`` calls make one timed repeat (the repeat's time is divided by it),
+    for steps too short to time one by one.
     """
 
     variant: str
@@ -64,13 +73,20 @@ class Case:
     block_size: int = 128
     sparsity_ratio: float = 0.9
     devices: int = 1
-    # Room for later row families (see benchmarks.plan.PLANNED): a ``num_kv_heads`` field for GQA
-    # and a ``decode`` flag for tokens/s, once jax_dilated and torch_ref accept them.
+    num_kv_heads: int | None = None
+    documents: int = 0
+    position: int = 0
+    steps: int = 1
 
     @property
     def mode(self) -> str:
         """``forward``, ``causal forward``, ``forward+backward`` or ``causal forward+backward``."""
         return ("causal " if self.causal else "") + ("forward+backward" if self.backward else "forward")
+
+    @property
+    def kv_heads(self) -> int:
+        """Heads of ``k`` and ``v``: ``num_kv_heads``, or ``heads`` when it is None."""
+        return self.heads if self.num_kv_heads is None else self.num_kv_heads
 
     def to_json(self) -> str:
         """Serialise for the worker subprocess (inverse of :meth:`from_json`)."""
@@ -78,7 +94,8 @@ class Case:
 
     @classmethod
     def from_json(cls, text: str) -> Case:
-        """Rebuild a case from :meth:`to_json` output."""
+        """Rebuild a case from :meth:`to_json` output (fields it lacks, from older files, keep their
+        defaults)."""
         data = json.loads(text)
         data["segment_lengths"] = tuple(data["segment_lengths"])
         data["dilation_rates"] = tuple(data["dilation_rates"])
@@ -91,9 +108,10 @@ class Measurement:
 
     ``times_ms`` holds every timed repeat in order; ``time_ms`` is their median. ``xla`` holds what the
     compiled JAX program says about itself (per-device memory from ``compiled.memory_analysis()`` and
-    the collective ops of its HLO); it is empty for torch. ``wall_s`` and ``cpu_s`` are the whole
-    subprocess's wall-clock and CPU seconds (imports and compilation included), filled in by the
-    parent: the cost of the case in a run.
+    the collective ops of its HLO); it is empty for torch. ``kv_mb`` is what ``k`` and ``v`` take
+    (with their gradients for forward+backward), see :attr:`benchmarks.variants.Built.kv_mb`.
+    ``wall_s`` and ``cpu_s`` are the whole subprocess's wall-clock and CPU seconds (imports and
+    compilation included), filled in by the parent: the cost of the case in a run.
     """
 
     status: Status
@@ -106,6 +124,7 @@ class Measurement:
     device_name: str = ""
     software: str = ""
     xla: dict[str, float] = dataclasses.field(default_factory=dict)
+    kv_mb: float | None = None
     wall_s: float | None = None
     cpu_s: float | None = None
 

@@ -2,13 +2,15 @@
 
 Example::
 
-    python -m benchmarks                                   # the default CPU report (~9 minutes, quiet 2-core CPU)
+    python -m benchmarks                                   # the default CPU report (~9.5 minutes, quiet 2-core CPU)
     python -m benchmarks --variants improved,dense --seq-lens 8192,32768 --repeats 5 --out /tmp/b
     python -m benchmarks --device gpu --seq-lens 8192,16384,32768
+    python -m benchmarks --variants improved --seq-lens 8192 --peak-size 0 --shapes --decode --out /tmp/s
 
 The default report has the main rows, the mode rows (causal and backward at n = 8192), the machine
-peak and the seed comparison. A custom run (any option that changes which cases are measured) has
-the main rows and the peak only, unless ``--modes`` / ``--seed-comparison`` ask for more.
+peak, the shapes rows (GQA, odd length, packed documents), the decode rows and the seed comparison.
+A custom run (any option that changes which cases are measured) has the main rows and the peak
+only, unless ``--modes`` / ``--shapes`` / ``--decode`` / ``--seed-comparison`` ask for more.
 Output goes to ``--out`` (default ``benchmarks/results/<device>/``): results.json, results.csv, PNG
 plots and REPORT.md. See docs/benchmarks.md.
 """
@@ -16,6 +18,7 @@ plots and REPORT.md. See docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
@@ -83,8 +86,30 @@ def parser() -> argparse.ArgumentParser:
                    help="the mode rows: standard and improved in every causal/backward mode at --mode-seq-len "
                         "(default: on for the default report, off for a custom run)")
     p.add_argument("--mode-seq-len", type=int, default=plan.DEFAULT_MODE_SEQ_LEN, help="n of the mode rows")
+    p.add_argument("--baseline-repeats", type=int, default=None,
+                   help="timed calls per main case of the dense baseline (default: "
+                        f"{plan.DEFAULT_BASELINE_REPEATS} in the default report, --repeats in a custom run)")
     p.add_argument("--peak-size", type=int, default=plan.DEFAULT_PEAK_SIZE,
                    help="side of the float32 matmul that measures the machine peak; 0 skips it")
+    p.add_argument("--shapes", action=argparse.BooleanOptionalAction, default=None,
+                   help="the shapes rows: improved with GQA, the odd length n-1 and packed documents against the "
+                        "baseline at --shapes-seq-len, forward and forward+backward (default: on for the default "
+                        "report, off for a custom run)")
+    p.add_argument("--shapes-seq-len", type=int, default=plan.DEFAULT_SHAPES_SEQ_LEN, help="n of the shapes rows")
+    p.add_argument("--shapes-kv-heads", type=int, default=plan.DEFAULT_SHAPES_KV_HEADS,
+                   help="key/value heads of the GQA shapes rows (divides --heads)")
+    p.add_argument("--shapes-documents", type=int, default=plan.DEFAULT_SHAPES_DOCUMENTS,
+                   help="documents packed in each row of the packed shapes rows")
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="the decode rows: one decode step against a key/value cache at --decode-positions, and "
+                        "the full causal forward over --decode-cache-len (default: on for the default report, "
+                        "off for a custom run)")
+    p.add_argument("--decode-cache-len", type=int, default=plan.DEFAULT_DECODE_CACHE_LEN,
+                   help="cache length (max_length) of the decode rows, a multiple of lcm(segment lengths)")
+    p.add_argument("--decode-positions", type=_ints, default=plan.DEFAULT_DECODE_POSITIONS,
+                   help="cache indices (contexts) of the decode step")
+    p.add_argument("--decode-steps", type=int, default=plan.DEFAULT_DECODE_STEPS,
+                   help="decode steps per timed repeat (the repeat's time is divided by it)")
     p.add_argument("--seed-comparison", action=argparse.BooleanOptionalAction, default=None,
                    help="rerun the seed's configuration beside its published table (default: on for the default "
                         "report, off for a custom run)")
@@ -99,17 +124,21 @@ def parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line; ``args.custom`` lists the case options that differ from the
-    default report, and ``args.modes`` / ``args.seed_comparison`` are resolved to booleans."""
+    default report, and ``args.modes`` / ``args.seed_comparison`` / ``args.shapes`` / ``args.decode`` are
+    resolved to booleans (and ``args.baseline_repeats`` to a number)."""
     p = parser()
     args = p.parse_args(argv)
     if len(args.segment_lengths) != len(args.dilation_rates):
         p.error(f"--segment-lengths {args.segment_lengths} and --dilation-rates {args.dilation_rates} need one rate "
                 f"per segment length")
-    for name in ("batch", "heads", "head_dim", "repeats", "seed_repeats", "block_size", "mode_seq_len"):
+    for name in ("batch", "heads", "head_dim", "repeats", "seed_repeats", "block_size", "mode_seq_len",
+                 "shapes_seq_len", "shapes_kv_heads", "shapes_documents", "decode_cache_len", "decode_steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.peak_size < 0:
         p.error(f"--peak-size must be 0 (skip) or positive, got {args.peak_size}")
+    if args.baseline_repeats is not None and args.baseline_repeats <= 0:
+        p.error(f"--baseline-repeats must be positive, got {args.baseline_repeats}")
     args.custom = [name for name in CASE_OPTIONS if getattr(args, name) != p.get_default(name)]
     if args.embed_dim is None:
         args.embed_dim = args.heads * args.head_dim
@@ -117,6 +146,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.modes = not args.custom
     if args.seed_comparison is None:
         args.seed_comparison = not args.custom
+    if args.shapes is None:
+        args.shapes = not args.custom
+    if args.decode is None:
+        args.decode = not args.custom
+    if args.baseline_repeats is None:
+        args.baseline_repeats = args.repeats if args.custom else plan.DEFAULT_BASELINE_REPEATS
+    if args.shapes and args.heads % args.shapes_kv_heads:
+        p.error(f"--shapes-kv-heads {args.shapes_kv_heads} must divide --heads {args.heads}")
+    if args.shapes and (args.shapes_seq_len < 2 or args.shapes_seq_len % args.shapes_documents):
+        p.error(f"--shapes-documents {args.shapes_documents} must divide --shapes-seq-len {args.shapes_seq_len} "
+                f"(at least 2)")
+    lcm = math.lcm(*args.segment_lengths)
+    if args.decode and args.decode_cache_len % lcm:
+        p.error(f"--decode-cache-len {args.decode_cache_len} must be a multiple of lcm(segment lengths) = {lcm}")
+    if args.decode and any(x >= args.decode_cache_len for x in args.decode_positions):
+        p.error(f"--decode-positions {args.decode_positions} must lie below --decode-cache-len "
+                f"{args.decode_cache_len}")
     if args.out is None:
         args.out = REPO_ROOT / "benchmarks" / "results" / args.device
     return args
@@ -134,11 +180,17 @@ def base_case(args: argparse.Namespace) -> Case:
 def sections(args: argparse.Namespace, seed_table: seed.SeedTable | None) -> dict[str, list[Case]]:
     """The cases of each section this run measures (see :mod:`benchmarks.plan`)."""
     base = base_case(args)
-    out = {plan.MAIN: plan.main_cases(base, args.variants, args.frameworks, args.seq_lens)}
+    out = {plan.MAIN: plan.main_cases(base, args.variants, args.frameworks, args.seq_lens, args.baseline_repeats)}
     if args.modes:
         out[plan.MODES] = plan.mode_cases(base, args.variants, args.frameworks, args.mode_seq_len)
     if args.peak_size:
         out[plan.PEAK] = plan.peak_cases(base, args.frameworks, args.peak_size)
+    if args.shapes:
+        out[plan.SHAPES] = plan.shapes_cases(base, args.frameworks, args.shapes_seq_len, args.shapes_kv_heads,
+                                             args.shapes_documents)
+    if args.decode:
+        out[plan.DECODE] = plan.decode_cases(base, args.frameworks, args.decode_cache_len, args.decode_positions,
+                                             args.decode_steps)
     if args.seed_comparison and seed_table is not None:
         out[plan.SEED] = seed.seed_cases(base, args.variants, args.frameworks, args.seed_repeats)
         out[plan.SEED_DILATED] = seed.dilated_cases(base, args.variants, args.frameworks)

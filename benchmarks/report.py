@@ -163,7 +163,7 @@ def headlines(rows: Iterable[Row]) -> list[Headline]:
     for variant in sorted(by_variant, key=lambda v: ORDER.get(v, len(ORDER))):
         measured = [r for r in by_variant[variant] if is_ok(r)]
         label = (measured or by_variant[variant])[0]["label"] or variant
-        pairs = defaultdict(dict)
+        pairs: dict[int, dict[str, Row]] = defaultdict(dict)
         for r in measured:
             pairs[r["seq_len"]][r["framework"]] = r
         both = [n for n, p in pairs.items() if set(p) >= {"jax", "torch"}]
@@ -324,11 +324,208 @@ def planned_table(tablefmt: str = "grid") -> str:
                   tablefmt)
 
 
+# ----------------------------------------------------------------------------------------------
+# shapes and decode: ratios against a baseline, with their spread and the issue's target
+
+
+@dataclasses.dataclass(frozen=True)
+class Ratio:
+    """One ratio of two measured rows: median over median, and the widest ratio the repeats allow
+    (``low = min(a) / max(b)``, ``high = max(a) / min(b)``), beside its target (an upper bound)."""
+
+    framework: str
+    name: str
+    mode: str
+    value: float | None
+    low: float | None
+    high: float | None
+    target: float | None
+    target_text: str = ""
+
+    @property
+    def met(self) -> str:
+        """``yes`` / ``no`` (median against the target), ``-`` without a value or a target."""
+        if self.value is None or self.target is None:
+            return "-"
+        return "yes" if self.value <= self.target else "no"
+
+
+def time_ratio(framework: str, name: str, mode: str, a: Row | None, b: Row | None, target: float | None,
+               target_text: str = "") -> Ratio:
+    """The :class:`Ratio` of ``a``'s time over ``b``'s (None values where either row is missing or failed)."""
+    text = target_text or ("-" if target is None else f"<= {target:g}")
+    if a is None or b is None or not (is_ok(a) and is_ok(b)):
+        return Ratio(framework, name, mode, None, None, None, target, text)
+    sa, sb = spread(a), spread(b)
+    low = high = None
+    if sa and sb:
+        low, high = sa[0] / sb[1], sa[1] / sb[0]
+    return Ratio(framework, name, mode, _ratio(a["time_ms"], b["time_ms"]), low, high, target, text)
+
+
+def _ratio_cell(r: Ratio, digits: int = 2) -> str:
+    if r.value is None:
+        return "N/A"
+    text = f"{r.value:.{digits}f}"
+    return text if r.low is None or r.high is None else f"{text} ({r.low:.{digits}f}-{r.high:.{digits}f})"
+
+
+def _ratio_table(ratios: Sequence[Ratio], tablefmt: str, digits: int = 2) -> str:
+    body = [[r.framework, r.mode, r.name, _ratio_cell(r, digits), r.target_text, r.met] for r in ratios]
+    return _table(body, ["Framework", "Mode", "Ratio", "Median (min-max)", "Target", "Met (median)"], tablefmt)
+
+
+#: The issue's targets for the shapes section: each case's time over the baseline's.
+SHAPE_TARGETS: dict[str, float] = {"gqa": 1.0, "odd": 1.05, "packed": 1.1}
+#: The decode section's targets: step at the longest context over the shortest, step over the full
+#: causal forward, JAX step over torch's. (GQA's k/v memory target is h_kv / h, from the rows.)
+DECODE_GROWTH_TARGET, DECODE_VS_FORWARD_TARGET, DECODE_JAX_TORCH_TARGET = 1.2, 1 / 50, 1.0
+
+
+def shapes_index(rows: Iterable[Row]) -> tuple[int | None, dict[tuple[str, str, str], Row]]:
+    """The ``shapes`` section's n and its rows by ``(framework, mode, kind)`` (kinds of
+    :data:`benchmarks.plan.SHAPE_KINDS`)."""
+    shapes = section(rows, plan.SHAPES)
+    if not shapes:
+        return None, {}
+    n = max(r["seq_len"] for r in shapes)
+    return n, {(r["framework"], r["mode"], plan.shape_kind(r, n)): r for r in shapes}
+
+
+def _shape_names(index: dict[tuple[str, str, str], Row], n: int) -> dict[str, str]:
+    heads = next((r["heads"] for r in index.values()), None)
+    gqa = next((r for k, r in index.items() if k[2] == "gqa"), None)
+    packed = next((r for k, r in index.items() if k[2] == "packed"), None)
+    odd = next((r for k, r in index.items() if k[2] == "odd"), None)
+    return {
+        "gqa": f"GQA h_kv={gqa['num_kv_heads'] if gqa else '?'} / h_kv={heads}",
+        "odd": f"n={odd['seq_len'] if odd else n - 1} / n={n}",
+        "packed": f"packed ({packed['documents'] if packed else '?'} documents) / unpacked",
+    }
+
+
+def shapes_ratios(rows: Iterable[Row]) -> list[Ratio]:
+    """Per framework and mode (forward, forward+backward): GQA, odd-length and packed time over the
+    baseline's, with the issue's targets (:data:`SHAPE_TARGETS`)."""
+    n, index = shapes_index(rows)
+    if n is None:
+        return []
+    names = _shape_names(index, n)
+    modes = [m for m in MODE_NAMES if any(k[1] == m for k in index)]
+    return [time_ratio(fw, names[kind], mode, index.get((fw, mode, kind)), index.get((fw, mode, "baseline")),
+                       SHAPE_TARGETS[kind])
+            for fw in FRAMEWORKS if any(k[0] == fw for k in index) for mode in modes for kind in SHAPE_TARGETS]
+
+
+def shapes_table(rows: Iterable[Row], tablefmt: str = "grid") -> str:
+    """:func:`shapes_ratios` as a table, with the median (min-max) and the target."""
+    return _table_with_times(shapes_ratios(rows), rows, tablefmt)
+
+
+def _table_with_times(ratios: Sequence[Ratio], rows: Iterable[Row], tablefmt: str) -> str:
+    n, index = shapes_index(rows)
+    kinds = {v: k for k, v in _shape_names(index, n or 0).items()}
+    body = []
+    for r in ratios:
+        kind = kinds.get(r.name)
+        case, base = index.get((r.framework, r.mode, kind or "")), index.get((r.framework, r.mode, "baseline"))
+        body.append([r.framework, r.mode, r.name, _time_cell(case), _time_cell(base), _ratio_cell(r), r.target_text,
+                     r.met])
+    return _table(body, ["Framework", "Mode", "Ratio", "Case ms (min-max)", "Baseline ms (min-max)",
+                         "Ratio median (min-max)", "Target", "Met (median)"], tablefmt)
+
+
+def gqa_memory_table(rows: Iterable[Row], tablefmt: str = "grid") -> str:
+    """GQA against the baseline, per framework and mode: what ``k, v`` (and their gradients) take
+    (``kv_mb``: JAX from the compiled program's argument and output bytes, torch from the tensors),
+    and the extra peak memory of the call the runner measures (``memory_mb``)."""
+    n, index = shapes_index(rows)
+    body = []
+    for fw in FRAMEWORKS:
+        for mode in MODE_NAMES:
+            g, b = index.get((fw, mode, "gqa")), index.get((fw, mode, "baseline"))
+            if g is None and b is None:
+                continue
+            kv = [None if r is None else r.get("kv_mb") for r in (g, b)]
+            mem = [None if r is None else r.get("memory_mb") for r in (g, b)]
+            heads = next(r for r in (g, b) if r is not None)["heads"]
+            target = g["num_kv_heads"] / heads if g is not None and g.get("num_kv_heads") else None
+            ratio = _ratio(kv[0], kv[1])
+            # the compiled JAX output also counts its tuple's few bytes of pointers: compare within 0.1 %
+            met = "-" if ratio is None or target is None else ("yes" if ratio <= target * 1.001 else "no")
+            body.append([fw, mode, _fmt(kv[0], 1), _fmt(kv[1], 1), _fmt(ratio, 3),
+                         "-" if target is None else f"<= {target:g}", met, _fmt(mem[0], 1), _fmt(mem[1], 1),
+                         _fmt(_ratio(mem[0], mem[1]), 2)])
+    return _table(body, ["Framework", "Mode", "k/v MiB GQA", "k/v MiB baseline", "k/v GQA/baseline", "Target",
+                         "Met", "extra peak MiB GQA", "extra peak MiB baseline", "extra peak GQA/baseline"], tablefmt)
+
+
+def decode_index(rows: Iterable[Row]) -> tuple[dict[tuple[str, int], Row], dict[str, Row]]:
+    """The ``decode`` section: steps by ``(framework, position)`` and the full forward by framework."""
+    steps: dict[tuple[str, int], Row] = {}
+    full: dict[str, Row] = {}
+    for r in section(rows, plan.DECODE):
+        if r["variant"] == "decode":
+            steps[(r["framework"], r["position"])] = r
+        else:
+            full[r["framework"]] = r
+    return steps, full
+
+
+def decode_table(rows: Iterable[Row], tablefmt: str = "grid") -> str:
+    """Per framework: the decode step at each position (ms per token, tokens/s, extra peak memory)
+    and the full causal forward over the cache length."""
+    steps, full = decode_index(rows)
+    body = []
+    for fw in FRAMEWORKS:
+        for (f, position), r in sorted(steps.items(), key=lambda kv: kv[0][1]):
+            if f == fw:
+                body.append([fw, f"decode step at index {position} (cache {r['seq_len']})", _time_cell(r, 3),
+                             _fmt(r["throughput_tok_s"], 0), _fmt(r["memory_mb"], 1)])
+        if fw in full:
+            r = full[fw]
+            body.append([fw, f"full causal forward over {r['seq_len']} tokens (batch {r['batch']})",
+                         _time_cell(r, 1), _fmt(r["throughput_tok_s"], 0), _fmt(r["memory_mb"], 1)])
+    return _table(body, ["Framework", "Call", "ms (min-max)", "tokens/s", "extra peak MiB"], tablefmt)
+
+
+def decode_ratios(rows: Iterable[Row]) -> list[Ratio]:
+    """Per framework: step at the longest context over the shortest (target <= 1.2), step at the
+    longest context over the full forward (target <= 1/50); per position: JAX step over torch's
+    (target <= 1)."""
+    steps, full = decode_index(rows)
+    positions = sorted({p for _, p in steps})
+    if not positions:
+        return []
+    lo, hi = positions[0], positions[-1]
+    out = []
+    for fw in FRAMEWORKS:
+        if not any(f == fw for f, _ in steps):
+            continue
+        if hi != lo:
+            out.append(time_ratio(fw, f"t(index {hi}) / t(index {lo})", "decode", steps.get((fw, hi)),
+                                  steps.get((fw, lo)), DECODE_GROWTH_TARGET))
+        if fw in full:
+            out.append(time_ratio(fw, f"step at index {hi} / full causal forward over {full[fw]['seq_len']}",
+                                  "decode", steps.get((fw, hi)), full[fw], DECODE_VS_FORWARD_TARGET, "<= 1/50"))
+    if {f for f, _ in steps} >= {"jax", "torch"}:
+        for p in positions:
+            out.append(time_ratio("jax/torch", f"JAX step / torch step at index {p}", "decode",
+                                  steps.get(("jax", p)), steps.get(("torch", p)), DECODE_JAX_TORCH_TARGET))
+    return out
+
+
+def decode_ratio_table(rows: Iterable[Row], tablefmt: str = "grid") -> str:
+    """:func:`decode_ratios` as a table (median, min-max, target)."""
+    return _ratio_table(decode_ratios(rows), tablefmt, digits=3)
+
+
 def tables(rows: Sequence[Row], seed: SeedTable | None = None, tablefmt: str = "grid") -> dict[str, tuple[str, str]]:
     """Every table the rows allow, in report order: ``key -> (title, table)``.
 
     Keys: ``headline``, ``jax``, ``torch``, ``ratio`` (main section); ``modes``, ``mode_ratios``,
-    ``causal`` (modes); ``peak``; ``seed``, ``seed_dilated``. The console and REPORT.md both print these.
+    ``causal`` (modes); ``peak``; ``shapes``, ``shapes_memory``; ``decode``, ``decode_ratios``; ``seed``,
+    ``seed_dilated``. The console and REPORT.md both print these.
     """
     main = section(rows, plan.MAIN)
     out: dict[str, tuple[str, str]] = {}
@@ -347,6 +544,15 @@ def tables(rows: Sequence[Row], seed: SeedTable | None = None, tablefmt: str = "
         out["causal"] = (f"Modes at n = {n}: causal and backward cost", causal_table(rows, tablefmt))
     if section(rows, plan.PEAK):
         out["peak"] = ("Machine peak (plain float32 matmul)", peak_table(rows, tablefmt))
+    n, _ = shapes_index(rows)
+    if n is not None:
+        out["shapes"] = (f"Shapes at n = {n}: time over the baseline (improved, h_kv = h, unpacked)",
+                         shapes_table(rows, tablefmt))
+        out["shapes_memory"] = (f"Shapes at n = {n}: GQA k/v memory against the baseline",
+                                gqa_memory_table(rows, tablefmt))
+    if section(rows, plan.DECODE):
+        out["decode"] = ("Decode: one token per step with a key/value cache (batch 1)", decode_table(rows, tablefmt))
+        out["decode_ratios"] = ("Decode: ratios and targets", decode_ratio_table(rows, tablefmt))
     effective = section(rows, plan.SEED)
     if seed is not None and effective:
         out["seed"] = ("Seed comparison (the seed's dense configuration). " + hardware_note(seed, effective),
@@ -411,7 +617,7 @@ def _log_axes(ax, xs: Iterable[int], ylabel: str, title: str) -> None:
 
 def _lines(ax, rows: list[Row], variants: Sequence[str], field: str) -> list[int]:
     """One line per variant of ``variants`` (dense gray and dashed: the baseline); returns the x values."""
-    xs = []
+    xs: list[int] = []
     for v in variants:
         pts = sorted((r["seq_len"], r[field]) for r in rows if r["variant"] == v and r[field] is not None)
         if not pts:
@@ -668,11 +874,45 @@ def write_report(rows: Sequence[Row], out_dir: Path, command: str, plots: dict[s
     if "peak" in t:
         put("Machine peak", "A plain float32 matmul per framework, measured by the same harness: the ceiling for "
             "the useful FLOP/s of the attention rows.", t["peak"])
+    if "shapes" in t:
+        n_shapes, index = shapes_index(rows)
+        docs = next((r["documents"] for k, r in index.items() if k[2] == "packed"), 0)
+        layout = f"{docs} documents of {n_shapes // docs} in a row of {n_shapes}" if docs and n_shapes else "none here"
+        put(f"Shapes: grouped-query heads, odd length, packed documents at n = {n_shapes}",
+            "`improved_dilated_attention` in both frameworks, non-causal, forward and forward+backward, each case "
+            "against the baseline (h_kv = h, n as given, no `document_ids`). Ratios: median over median, in "
+            "brackets the widest ratio the repeats allow (min / max to max / min); the targets are upper bounds "
+            "from the issue, and \"Met\" compares the median. Packed: `document_ids = position * documents // n` "
+            f"({layout}), an argument of the compiled JAX program.")
+        put("Time over the baseline", t["shapes"], level="###")
+        put("GQA: k/v memory", "k/v MiB is what `k` and `v` take, with their gradients for forward+backward: JAX "
+            "reads it from the compiled program (`memory_analysis()`: argument bytes minus `q` (and "
+            "`document_ids`), plus output bytes minus `dq`), torch from the `k, v` tensors (a gradient has its "
+            "tensor's shape). The target is h_kv / h. \"Extra peak\" is the runner's memory column (peak RSS "
+            "above the post-warm-up baseline), which includes every temporary of the call.",
+            t["shapes_memory"], level="###")
+    else:
+        put("Shapes: grouped-query heads, odd length, packed documents",
+            "No shape rows in this run (a custom run without `--shapes`, or `--no-shapes`).")
+    if "decode" in t:
+        put("Decode: tokens/s with a key/value cache",
+            "`dilated_attention_decode`, batch 1, one new token (q, k, v of one position) against a cache filled "
+            "with random values, at a fixed index. JAX: compiled once (the index an argument, the two cache "
+            "arguments donated so XLA writes the new row in place), each step feeding the returned cache back; "
+            "torch: the cache updated in place, under `torch.no_grad()`. A timed repeat is many steps in a row, "
+            "divided by their number (the `steps` field). The full causal `improved_dilated_attention` forward "
+            "over the whole cache length is the comparison.")
+        put("Per-token step", t["decode"], level="###")
+        put("Ratios and targets", "Median over median, in brackets the widest ratio the repeats allow.",
+            t["decode_ratios"], level="###")
+    else:
+        put("Decode: tokens/s with a key/value cache",
+            "No decode rows in this run (a custom run without `--decode`, or `--no-decode`).")
     if plots:
         put("Plots", *[f"{_CAPTIONS.get(key, key)}\n\n![{key}]({path.name})" for key, path in plots.items()])
     put("Seed comparison", *([seed_note] if seed_note else []))
     effective = section(rows, plan.SEED)
-    if "seed" in t:
+    if "seed" in t and seed is not None:
         lines.extend([hardware_note(seed, effective), "",
                       f"The seed's effective configuration (`segment_lengths=[n]`, `dilation_rates=[1]`, i.e. "
                       f"dense attention), batch 2, 8 heads, head_dim 64, float32, median of "
@@ -682,8 +922,9 @@ def write_report(rows: Sequence[Row], out_dir: Path, command: str, plots: dict[s
     if "seed_dilated" in t:
         lines.extend(["The dilated configuration the seed never measured (segments 1024/2048/4096, rates 1/2/4), "
                       "same shapes:", "", t["seed_dilated"], ""])
-    put("Planned rows", "Not measured yet; the registry (`PLANNED` in `benchmarks/variants.py`) and this section "
-        "are where they go once the library supports them.", planned_table("github"))
+    if PLANNED:
+        put("Planned rows", "Not measured yet; the registry (`PLANNED` in `benchmarks/variants.py`) and this "
+            "section are where they go once the library supports them.", planned_table("github"))
     put("Method", METHOD)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "REPORT.md"

@@ -19,23 +19,26 @@ Row = dict[str, Any]
 FIELDS: tuple[str, ...] = (
     "variant", "label", "framework", "device", "dtype", "batch", "seq_len", "heads", "head_dim",
     "segment_lengths", "dilation_rates", "causal", "backward", "mode", "devices",
+    "num_kv_heads", "documents", "position", "steps",
     "time_ms", "times_ms", "memory_mb", "throughput_tok_s", "gflops", "status", "failure", "error",
     "density", "embed_dim", "block_size", "sparsity_ratio", "repeats", "section", "device_name", "software",
-    "xla_device_mb", "xla_temp_mb", "collectives", "comm_mb", "wall_s", "cpu_s",
+    "xla_device_mb", "xla_temp_mb", "collectives", "comm_mb", "kv_mb", "wall_s", "cpu_s",
 )
 
 
 def make_row(case: Case, m: Measurement, section: str) -> Row:
     """Flatten a case and its measurement into one results row.
 
-    Derived fields: ``throughput_tok_s = batch * seq_len / time`` (attention rows) and ``gflops`` =
+    Derived fields: ``throughput_tok_s = batch * seq_len / time`` (attention rows; ``batch / time``
+    for a decode step, which adds one token per row) and ``gflops`` =
     useful FLOPs (:meth:`benchmarks.variants.Variant.useful_flops`) per second / 1e9. ``status`` and
     ``failure`` are the plain strings of :class:`~benchmarks.case.Status` / :class:`FailureKind`.
     """
     variant = VARIANTS[case.variant]
     ok = m.status is Status.OK and m.time_ms is not None
-    seconds = m.time_ms / 1e3 if ok else None
+    seconds = m.time_ms / 1e3 if m.status is Status.OK and m.time_ms is not None else 0.0  # used only when ok
     useful = variant.useful_flops(case, m.density) if ok else None
+    tokens = case.batch * (1 if variant.kind is Kind.DECODE else case.seq_len)
     row: Row = {
         "variant": case.variant,
         "label": label(case),
@@ -52,10 +55,14 @@ def make_row(case: Case, m: Measurement, section: str) -> Row:
         "backward": case.backward,
         "mode": case.mode,
         "devices": case.devices,
+        "num_kv_heads": case.num_kv_heads,
+        "documents": case.documents,
+        "position": case.position if variant.kind is Kind.DECODE else None,
+        "steps": case.steps,
         "time_ms": m.time_ms if ok else None,
         "times_ms": list(m.times_ms) if ok else [],
         "memory_mb": m.memory_mb if ok else None,
-        "throughput_tok_s": case.batch * case.seq_len / seconds if ok and variant.kind is not Kind.PEAK else None,
+        "throughput_tok_s": tokens / seconds if ok and variant.kind is not Kind.PEAK else None,
         "gflops": useful / seconds / 1e9 if (ok and useful is not None) else None,
         "status": str(m.status),
         "failure": None if m.failure is None else str(m.failure),
@@ -72,6 +79,7 @@ def make_row(case: Case, m: Measurement, section: str) -> Row:
         "xla_temp_mb": m.xla.get("temp_mb"),
         "collectives": m.xla.get("collectives"),
         "comm_mb": m.xla.get("comm_mb"),
+        "kv_mb": m.kv_mb if ok else None,
         "wall_s": m.wall_s,
         "cpu_s": m.cpu_s,
     }
@@ -95,6 +103,8 @@ def normalise(row: Row) -> Row:
     out.setdefault("causal", False)
     out.setdefault("backward", False)
     out.setdefault("devices", 1)
+    out.setdefault("documents", 0)
+    out.setdefault("steps", 1)
     out.setdefault("times_ms", [])
     out.setdefault("mode", Case(out["variant"], out["framework"], causal=out["causal"], backward=out["backward"]).mode)
     if "label" not in out:

@@ -17,8 +17,9 @@ Worker side, :func:`measure` (the same for both frameworks):
 4. reset the high-water mark: CPU writes ``5`` to ``/proc/self/clear_refs`` (resets ``VmHWM``); torch
    GPU ``torch.cuda.reset_peak_memory_stats()`` (JAX cannot reset its peak; its warm-up ran the same
    program, so the peak is the same one);
-5. run ``repeats`` timed steps, each synchronised (``jax.block_until_ready``, ``torch.cuda.synchronize``),
-   and keep every time;
+5. run ``repeats`` timed repeats, each of ``steps`` steps (1 but for decode cases) synchronised
+   after the last one (``jax.block_until_ready``, ``torch.cuda.synchronize``), and keep every
+   repeat's time divided by ``steps``;
 6. time = median step; memory = high-water mark (``VmHWM`` / peak bytes) minus the baseline, i.e. the
    extra memory the call needs on top of its inputs and parameters, compilation excluded;
 7. JAX only: per-device memory from ``compiled.memory_analysis()`` and the collective ops of the
@@ -163,7 +164,8 @@ def xla_stats(compiled: Any) -> dict[str, float]:
 
 
 def measure(case: Case) -> Measurement:
-    """Build, warm up, then time ``case.repeats`` steps and measure their peak memory (in this process)."""
+    """Build, warm up, then time ``case.repeats`` repeats of ``case.steps`` steps each and measure their
+    peak memory (in this process); a repeat's time is per step."""
     built = VARIANTS[case.variant].build(case)
     out = built.step()
     built.sync(out)
@@ -173,14 +175,15 @@ def measure(case: Case) -> Measurement:
     times = []
     for _ in range(case.repeats):
         start = time.perf_counter()
-        out = built.step()
+        for _ in range(case.steps):
+            out = built.step()
         built.sync(out)
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((time.perf_counter() - start) * 1e3 / case.steps)
         del out
     memory_mb = memory.stop()
     return Measurement(status=Status.OK, times_ms=times, time_ms=statistics.median(times), memory_mb=memory_mb,
                        density=built.density, device_name=built.device_name or f"cpu: {cpu_name()}",
-                       software=built.software,
+                       software=built.software, kv_mb=built.kv_mb,
                        xla={} if built.compiled is None else xla_stats(built.compiled))
 
 

@@ -15,6 +15,12 @@ eval mode, forward-only steps under ``torch.no_grad()``.
 Every builder imports its framework (and ``jax_dilated`` or ``torch_ref``) itself, inside the
 function: the worker subprocess of a case imports only that case's framework.
 
+Shapes of real models (``case.num_kv_heads``, an odd ``seq_len``, ``case.documents``) reach the
+attention functions through the same builders: ``k, v`` get ``num_kv_heads`` heads, and packed
+documents pass ``document_ids`` (an argument of the compiled JAX program, as in training). The
+``decode`` variant times one step of ``dilated_attention_decode`` against a cache of ``seq_len``
+positions at index ``case.position``.
+
 Rows planned for later (:data:`PLANNED`) are listed below the registry; the report prints them.
 """
 
@@ -39,6 +45,7 @@ class Kind(enum.StrEnum):
     MODULE = "module"        # a multi-head module called on x of shape (b, n, E)
     BASELINE = "baseline"    # the framework's own dense attention
     PEAK = "peak"            # a plain matmul: the machine's attainable FLOP/s, not attention
+    DECODE = "decode"        # one decode step (a new token) against a key/value cache
 
 
 @dataclasses.dataclass
@@ -52,6 +59,11 @@ class Built:
       device_name: the device the case runs on, e.g. ``cuda: NVIDIA H200`` ("" on CPU).
       software: framework and version, e.g. ``jax 0.10.2``.
       compiled: the compiled JAX program (``jax.stages.Compiled``) that ``step`` calls; None for torch.
+      kv_mb: MiB that ``k`` and ``v`` take, with their gradients under ``case.backward`` (attention
+        functions only, else None). JAX: read from the compiled program (``memory_analysis()``:
+        argument bytes minus ``q`` and ``document_ids``, plus output bytes minus ``dq`` for
+        forward+backward); torch: the bytes of the ``k, v`` tensors, twice that with gradients
+        (a gradient has its tensor's shape).
     """
 
     step: Callable[[], Any]
@@ -60,6 +72,7 @@ class Built:
     device_name: str = ""
     software: str = ""
     compiled: Any = None
+    kv_mb: float | None = None
 
 
 Builder = Callable[[Case], Built]
@@ -112,6 +125,9 @@ class Variant:
 # shared pieces
 
 
+MIB = 2.0**20
+
+
 def _dilated_kw(case: Case) -> dict[str, Any]:
     return dict(segment_lengths=case.segment_lengths, dilation_rates=case.dilation_rates, is_causal=case.causal)
 
@@ -126,6 +142,21 @@ def _density(block_layout: Callable[..., Any], case: Case) -> float:
 
     layout = block_layout(case.seq_len, case.block_size, PATTERN, case.sparsity_ratio, 1, case.causal)
     return float(np.asarray(layout, dtype=np.float64).mean())
+
+
+def _document_ids(case: Case):
+    """``(batch, seq_len)`` int32 ids of ``case.documents`` equal runs per row: ``p * documents // n``
+    (``p // 2048`` for 4 documents in 8192 positions)."""
+    import numpy as np
+
+    ids = np.arange(case.seq_len, dtype=np.int64) * case.documents // case.seq_len
+    return np.broadcast_to(ids.astype(np.int32), (case.batch, case.seq_len)).copy()
+
+
+def _no_documents(case: Case) -> None:
+    if case.documents:
+        raise ValueError(f"documents={case.documents}: only the standard and improved functions take document_ids "
+                         f"here, not {case.variant}.")
 
 
 def _one_device(case: Case) -> None:
@@ -160,21 +191,42 @@ def _jax_dtype(case: Case):
 
 
 def _jax_qkv(case: Case, attention: Callable[..., Any], sharding: Any = None,
-             density: float | None = None) -> Built:
-    """A step of ``attention(q, k, v)`` on random ``(b, n, h, d)`` inputs (placed with ``sharding``)."""
+             density: float | None = None, documents: bool = False) -> Built:
+    """A step of ``attention(q, k, v)`` on random inputs (placed with ``sharding``): ``q`` ``(b, n, h, d)``,
+    ``k, v`` ``(b, n, h_kv, d)``; with ``case.documents`` (only where ``documents``) also
+    ``attention(..., document_ids=ids)``, the ids an argument of the program."""
     import jax
     import jax.numpy as jnp
 
+    if not documents:
+        _no_documents(case)
     dtype = _jax_dtype(case)
-    shape = (case.batch, case.seq_len, case.heads, case.head_dim)
-    inputs = tuple(jax.random.normal(key, shape, dtype) for key in jax.random.split(jax.random.key(0), 3))
+    b, n, d = case.batch, case.seq_len, case.head_dim
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (b, n, case.heads, d), dtype)
+    k, v = [jax.random.normal(key, (b, n, case.kv_heads, d), dtype) for key in keys[1:]]
+    inputs: tuple = (q, k, v)
     if sharding is not None:
         inputs = tuple(jax.device_put(x, sharding) for x in inputs)
-    if case.backward:
-        fn = jax.grad(lambda q, k, v: attention(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    if case.documents:
+        inputs += (jnp.asarray(_document_ids(case)),)
+        call = lambda q, k, v, ids: attention(q, k, v, document_ids=ids)
     else:
-        fn = attention
-    return _jax_compile(case, fn, inputs, density)
+        call = attention
+    if case.backward:
+        fn = jax.grad(lambda q, k, v, *ids: call(q, k, v, *ids).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    else:
+        fn = call
+    built = _jax_compile(case, fn, inputs, density)
+    analysis = built.compiled.memory_analysis() if sharding is None else None  # per device when sharded
+    if analysis is not None:
+        q_bytes = q.size * q.dtype.itemsize
+        other = q_bytes + sum(x.size * x.dtype.itemsize for x in inputs[3:])
+        kv = analysis.argument_size_in_bytes - other
+        if case.backward:
+            kv += analysis.output_size_in_bytes - q_bytes
+        built.kv_mb = kv / MIB
+    return built
 
 
 def _jax_module(case: Case, make: Callable[..., Any], density: float | None = None) -> Built:
@@ -183,9 +235,10 @@ def _jax_module(case: Case, make: Callable[..., Any], density: float | None = No
     import jax.numpy as jnp
     from flax import nnx
 
+    _no_documents(case)
     dtype = _jax_dtype(case)
     model = make(dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
     x = jax.random.normal(jax.random.key(0), (case.batch, case.seq_len, case.embed_dim), dtype)
 
     def forward(p, x):
@@ -200,7 +253,7 @@ def jax_standard(case: Case) -> Built:
 
     _one_device(case)
     kw = _dilated_kw(case)
-    return _jax_qkv(case, lambda q, k, v: jd.dilated_attention(q, k, v, **kw))
+    return _jax_qkv(case, lambda q, k, v, **extra: jd.dilated_attention(q, k, v, **kw, **extra), documents=True)
 
 
 def jax_improved(case: Case) -> Built:
@@ -208,7 +261,8 @@ def jax_improved(case: Case) -> Built:
 
     _one_device(case)
     kw = _dilated_kw(case)
-    return _jax_qkv(case, lambda q, k, v: jd.improved_dilated_attention(q, k, v, **kw))
+    return _jax_qkv(case, lambda q, k, v, **extra: jd.improved_dilated_attention(q, k, v, **kw, **extra),
+                    documents=True)
 
 
 def jax_ring(case: Case) -> Built:
@@ -276,8 +330,44 @@ def jax_matmul(case: Case) -> Built:
 
     _one_device(case)
     dtype = _jax_dtype(case)
-    a, b = (jax.random.normal(key, (case.seq_len, case.seq_len), dtype) for key in jax.random.split(jax.random.key(0)))
+    a, b = [jax.random.normal(key, (case.seq_len, case.seq_len), dtype) for key in jax.random.split(jax.random.key(0))]
     return _jax_compile(case, lambda a, b: a @ b, (a, b))
+
+
+def jax_decode(case: Case) -> Built:
+    """One step of ``dilated_attention_decode`` at index ``case.position`` of a random cache of
+    ``case.seq_len`` positions: compiled once with the index as an argument and the two cache
+    arguments donated (XLA writes the new row in place); each step feeds the returned cache back."""
+    import jax
+    import jax.numpy as jnp
+
+    import jax_dilated as jd
+
+    _one_device(case)
+    _no_documents(case)
+    dtype = _jax_dtype(case)
+    b, h, hkv, d = case.batch, case.heads, case.kv_heads, case.head_dim
+    keys = jax.random.split(jax.random.key(0), 5)
+    q = jax.random.normal(keys[0], (b, 1, h, d), dtype)
+    k, v = [jax.random.normal(key, (b, 1, hkv, d), dtype) for key in keys[1:3]]
+    cache = [jax.random.normal(key, (b, case.seq_len, hkv, d), dtype) for key in keys[3:]]
+    index = jnp.asarray(case.position, jnp.int32)
+
+    def decode(q, k, v, cached_key, cached_value, index):
+        return jd.dilated_attention_decode(q, k, v, cached_key, cached_value, index,
+                                           segment_lengths=case.segment_lengths, dilation_rates=case.dilation_rates)
+
+    compiled = jax.jit(decode, donate_argnums=(3, 4)).lower(q, k, v, *cache, index).compile()
+    jax.block_until_ready(cache)
+
+    def step():
+        out, cache[0], cache[1] = compiled(q, k, v, cache[0], cache[1], index)
+        return out
+
+    device = jax.devices()[0]
+    return Built(step=step, sync=lambda out: jax.block_until_ready((out, cache)),
+                 device_name="" if device.platform == "cpu" else f"{device.platform}: {device.device_kind}",
+                 software=f"jax {jax.__version__}", compiled=compiled)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,19 +408,33 @@ def _torch_step(case: Case, call: Callable[..., Any], inputs: tuple, wrt: list,
 
 
 def _torch_qkv(case: Case, attention: Callable[..., Any], density: float | None = None,
-               layout: str = "bnhd") -> Built:
-    """A step of ``attention(q, k, v)`` on random inputs, ``(b, n, h, d)`` or SDPA's ``(b, h, n, d)``."""
+               layout: str = "bnhd", documents: bool = False) -> Built:
+    """A step of ``attention(q, k, v)`` on random inputs, ``(b, n, h, d)`` or SDPA's ``(b, h, n, d)``
+    (``k, v`` with ``h_kv`` heads); with ``case.documents`` (only where ``documents``) also
+    ``attention(..., document_ids=ids)``."""
+    import torch
+
+    if not documents:
+        _no_documents(case)
     randn = _torch_randn(case)
     b, n, h, d = case.batch, case.seq_len, case.heads, case.head_dim
-    shape = (b, n, h, d) if layout == "bnhd" else (b, h, n, d)
-    inputs = tuple(randn(*shape).requires_grad_(case.backward) for _ in range(3))
-    return _torch_step(case, attention, inputs, list(inputs), density)
+    shapes = [(b, n, x, d) if layout == "bnhd" else (b, x, n, d) for x in (h, case.kv_heads, case.kv_heads)]
+    inputs = tuple(randn(*shape).requires_grad_(case.backward) for shape in shapes)
+    call = attention
+    if case.documents:
+        ids = torch.from_numpy(_document_ids(case)).to(inputs[0].device)
+        call = lambda q, k, v: attention(q, k, v, document_ids=ids)
+    built = _torch_step(case, call, inputs, list(inputs), density)
+    kv = sum(x.numel() * x.element_size() for x in inputs[1:])
+    built.kv_mb = kv * (2 if case.backward else 1) / MIB
+    return built
 
 
 def _torch_module(case: Case, model: Any, density: float | None = None) -> Built:
     """A step of the torch module ``model`` (moved to the case's device and dtype, eval mode) on ``(b, n, E)``."""
     import torch
 
+    _no_documents(case)
     device = torch.device("cuda" if case.device == "gpu" else "cpu")
     model = model.to(device=device, dtype=getattr(torch, case.dtype)).eval()
     x = _torch_randn(case)(case.batch, case.seq_len, case.embed_dim)
@@ -342,14 +446,15 @@ def torch_standard(case: Case) -> Built:
     import torch_ref as tr
 
     kw = _dilated_kw(case)
-    return _torch_qkv(case, lambda q, k, v: tr.dilated_attention(q, k, v, **kw))
+    return _torch_qkv(case, lambda q, k, v, **extra: tr.dilated_attention(q, k, v, **kw, **extra), documents=True)
 
 
 def torch_improved(case: Case) -> Built:
     import torch_ref as tr
 
     kw = _dilated_kw(case)
-    return _torch_qkv(case, lambda q, k, v: tr.improved_dilated_attention(q, k, v, **kw))
+    return _torch_qkv(case, lambda q, k, v, **extra: tr.improved_dilated_attention(q, k, v, **kw, **extra),
+                      documents=True)
 
 
 def torch_ring(case: Case) -> Built:
@@ -404,12 +509,36 @@ def torch_matmul(case: Case) -> Built:
     return _torch_step(case, torch.matmul, (a, b), [])
 
 
+def torch_decode(case: Case) -> Built:
+    """One step of ``dilated_attention_decode`` at index ``case.position`` (a Python int) of a random
+    cache of ``case.seq_len`` positions, under ``torch.no_grad()``; the cache is updated in place."""
+    import torch_ref as tr
+
+    _no_documents(case)
+    randn = _torch_randn(case)
+    b, h, hkv, d = case.batch, case.heads, case.kv_heads, case.head_dim
+    q, k, v = randn(b, 1, h, d), randn(b, 1, hkv, d), randn(b, 1, hkv, d)
+    cached_key, cached_value = randn(b, case.seq_len, hkv, d), randn(b, case.seq_len, hkv, d)
+
+    def decode(q, k, v, cached_key, cached_value):
+        return tr.dilated_attention_decode(q, k, v, cached_key, cached_value, case.position,
+                                           segment_lengths=case.segment_lengths,
+                                           dilation_rates=case.dilation_rates)[0]
+
+    return _torch_step(case, decode, (q, k, v, cached_key, cached_value), [])
+
+
 # ----------------------------------------------------------------------------------------------
 # useful FLOPs per kind (see benchmarks.flops)
 
 
 def _dilated_flops(case: Case, _density: float | None) -> float:
-    return flops.dilated_flops(case.batch, case.seq_len, case.heads, case.head_dim, case.segment_lengths,
+    """Dilated FLOPs; packed documents of length ``L = n / documents`` cut every segment to ``min(s, L)``
+    (each document is attended alone)."""
+    segments = case.segment_lengths
+    if case.documents:
+        segments = tuple(min(s, case.seq_len // case.documents) for s in segments)
+    return flops.dilated_flops(case.batch, case.seq_len, case.heads, case.head_dim, segments,
                                case.dilation_rates, case.causal)
 
 
@@ -436,8 +565,16 @@ def _matmul_flops(case: Case, _density: float | None) -> float:
     return flops.matmul_flops(case.seq_len)
 
 
+def _no_flops(_case: Case, _density: float | None) -> None:
+    return None
+
+
 def _named(name: str) -> Callable[[Case], str]:
     return lambda case: name
+
+
+def _decode_label(case: Case) -> str:
+    return f"decode step (cache {case.seq_len}, index {case.position})"
 
 
 def _ring_label(case: Case) -> str:
@@ -465,12 +602,14 @@ _ALL = (
             _dense_flops),
     Variant("matmul", lambda case: f"matmul {case.seq_len}x{case.seq_len} (machine peak)", Kind.PEAK, jax_matmul,
             torch_matmul, _matmul_flops),
+    Variant("decode", _decode_label, Kind.DECODE, jax_decode, torch_decode, _no_flops),
 )
 
 #: Every variant by name, in report order.
 VARIANTS: dict[str, Variant] = {v.name: v for v in _ALL}
-#: The variants a report row can be about (``--variants``): everything but the peak matmul.
-REPORT_VARIANTS: tuple[str, ...] = tuple(name for name, v in VARIANTS.items() if v.kind is not Kind.PEAK)
+#: The variants of the main rows (``--variants``): everything but the peak matmul and the decode step.
+REPORT_VARIANTS: tuple[str, ...] = tuple(name for name, v in VARIANTS.items()
+                                         if v.kind not in (Kind.PEAK, Kind.DECODE))
 #: The seed table's seven variants, in its order.
 SEED_VARIANTS: tuple[str, ...] = tuple(name for name, v in VARIANTS.items() if v.seed)
 
@@ -486,16 +625,14 @@ class Planned:
 
 #: The place for later rows. To add one: give Case the field it needs, register its builders above
 #: (or a section in benchmarks.plan), and move the entry out of this list.
-PLANNED: tuple[Planned, ...] = (
-    Planned("gqa", "standard/improved with num_kv_heads < heads (grouped-query attention), n = 8192",
-            "a num_kv_heads argument in jax_dilated and torch_ref"),
-    Planned("odd_length", "standard/improved at n = 8191 (not a multiple of any segment length)",
-            "support for sequence lengths that segment lengths do not divide"),
-    Planned("decode", "decode tokens/s: one new query against a cached prefix",
-            "a key/value cache (incremental decoding) API"),
-)
+#: GQA, the odd length and decode left this list for the ``shapes`` and ``decode`` sections
+#: (:mod:`benchmarks.plan`).
+PLANNED: tuple[Planned, ...] = ()
 
 
 def label(case: Case) -> str:
-    """The row label of ``case``: what it measures."""
-    return VARIANTS[case.variant].describe(case)
+    """The row label of ``case``: what it measures (with its GQA heads and packed documents)."""
+    text = VARIANTS[case.variant].describe(case)
+    extra = ([f"h_kv={case.num_kv_heads}"] if case.num_kv_heads is not None else []) + (
+        [f"{case.documents} packed documents"] if case.documents else [])
+    return f"{text} ({', '.join(extra)})" if extra else text

@@ -86,7 +86,7 @@ def test_importing_the_benchmark_imports_no_framework():
 
 
 def test_registry_covers_every_variant():
-    assert set(REPORT_VARIANTS) | {"matmul"} == set(VARIANTS)
+    assert set(REPORT_VARIANTS) | {"matmul", "decode"} == set(VARIANTS)
     assert SEED_VARIANTS == ("standard", "improved", "multihead_standard", "multihead_improved",
                              "ring_v2_collective", "block_sparse", "block_sparse_multihead")
     for name, v in VARIANTS.items():
@@ -96,7 +96,9 @@ def test_registry_covers_every_variant():
         assert isinstance(label(Case(name, "jax")), str)
     assert label(Case("ring_v2_collective", "jax")) == "ring_v2_collective (1 device = improved)"
     assert label(Case("ring_v2_collective", "jax", devices=4)) == "ring_v2_collective (4 devices)"
-    assert {p.name for p in PLANNED} == {"gqa", "odd_length", "decode"}
+    assert PLANNED == ()  # GQA, the odd length and decode are the shapes and decode sections now
+    assert label(Case("improved", "jax", num_kv_heads=2, documents=4)) == "improved (h_kv=2, 4 packed documents)"
+    assert label(Case("decode", "torch", seq_len=32768, position=1000)) == "decode step (cache 32768, index 1000)"
     # every CLI choice is a registered report variant
     assert cli.parse_args([]).variants == REPORT_VARIANTS
 
@@ -273,15 +275,17 @@ def test_cli_options_and_sections():
     assert list(cli.sections(custom, table)) == [plan.MAIN, plan.PEAK]  # no silent seed rerun in a small run
     assert "custom run (variants, seq_lens)" in cli.seed_note(custom, table)
     parts = cli.sections(default, table)
-    assert list(parts) == [plan.MAIN, plan.MODES, plan.PEAK, plan.SEED, plan.SEED_DILATED]
+    assert list(parts) == [plan.MAIN, plan.MODES, plan.PEAK, plan.SHAPES, plan.DECODE, plan.SEED, plan.SEED_DILATED]
+    assert {c.repeats for c in parts[plan.MAIN] if c.variant == "dense"} == {plan.DEFAULT_BASELINE_REPEATS}
+    assert {c.repeats for c in parts[plan.MAIN] if c.variant != "dense"} == {5}
     modes = parts[plan.MODES]
     assert len(modes) == 2 * 2 * 4 and {c.seq_len for c in modes} == {8192}
     assert {c.mode for c in modes} == set(report.MODE_NAMES)
     assert {c.variant for c in modes} == {"standard", "improved"}
     new = set(modes) - set(parts[plan.MAIN])
     assert len(new) == 12  # the forward rows at 8192 are main rows, measured once
-    assert [(c.variant, c.framework, c.seq_len) for c in parts[plan.PEAK]] == [("matmul", "jax", 4096),
-                                                                               ("matmul", "torch", 4096)]
+    assert [(c.variant, c.framework, c.seq_len) for c in parts[plan.PEAK]] == [("matmul", "jax", 2048),
+                                                                               ("matmul", "torch", 2048)]
     first = {}
     for name, cases in parts.items():
         for c in cases:
@@ -292,12 +296,107 @@ def test_cli_options_and_sections():
     assert describe(next(c for c in new if c.causal and c.backward)).endswith("causal forward+backward")
 
 
+def test_shapes_and_decode_sections():
+    default = cli.parse_args([])
+    assert default.shapes and default.decode and default.baseline_repeats == plan.DEFAULT_BASELINE_REPEATS
+    custom = cli.parse_args(["--variants", "improved"])
+    assert not custom.shapes and not custom.decode and custom.baseline_repeats == custom.repeats
+    off = cli.parse_args(["--no-shapes", "--no-decode"])
+    assert not off.shapes and not off.decode and off.custom == []
+    assert plan.SHAPES not in cli.sections(off, None) and plan.DECODE not in cli.sections(off, None)
+    for bad in (["--shapes-kv-heads", "3"], ["--shapes-documents", "3"], ["--decode-cache-len", "5000"],
+                ["--decode-positions", "40000"], ["--decode-steps", "0"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(bad)
+    cli.parse_args(["--no-decode", "--decode-cache-len", "5000"])  # checked only when the section runs
+
+    parts = cli.sections(default, None)
+    shapes = parts[plan.SHAPES]
+    assert len(shapes) == 2 * 2 * 4 and {c.variant for c in shapes} == {"improved"}
+    kinds = [(c.framework, c.mode, plan.shape_kind(c, 8192)) for c in shapes]
+    assert kinds[:4] == [("jax", "forward", k) for k in plan.SHAPE_KINDS]
+    assert [(c.seq_len, c.num_kv_heads, c.documents) for c in shapes[4:8]] == [
+        (8192, None, 0), (8192, 2, 0), (8191, None, 0), (8192, None, 4)]
+    assert {c.backward for c in shapes[4:8]} == {True} and not any(c.causal for c in shapes)
+    assert {(c.batch, c.heads, c.head_dim, c.segment_lengths, c.dilation_rates, c.repeats) for c in shapes} == {
+        (2, 8, 64, (1024, 2048, 4096), (1, 2, 4), 3)}
+    # the baselines are the mode rows' non-causal rows: measured once
+    baselines = {c for c in shapes if plan.shape_kind(c, 8192) == "baseline"}
+    assert len(baselines) == 4 and baselines <= set(parts[plan.MODES])
+    assert len(set(shapes) - set(parts[plan.MODES]) - set(parts[plan.MAIN])) == 12
+
+    decode = parts[plan.DECODE]
+    steps = [c for c in decode if c.variant == "decode"]
+    assert [(c.framework, c.position) for c in steps] == [("jax", 1000), ("jax", 30000), ("torch", 1000),
+                                                           ("torch", 30000)]
+    assert {(c.batch, c.seq_len, c.heads, c.head_dim, c.steps, c.kv_heads) for c in steps} == {
+        (1, 32768, 8, 64, 50, 8)}
+    full = [c for c in decode if c.variant != "decode"]
+    assert [(c.variant, c.framework, c.batch, c.seq_len, c.mode, c.steps) for c in full] == [
+        ("improved", "jax", 1, 32768, "causal forward", 1), ("improved", "torch", 1, 32768, "causal forward", 1)]
+    first = {c: name for name, cases in reversed(list(parts.items())) for c in cases}
+    assert cli.progress_label(first)(steps[0]) == "decode: jax decode step (cache 32768, index 1000) n=32768"
+
+
+def test_case_json_round_trip_of_the_new_fields():
+    case = Case("improved", "torch", seq_len=8191, num_kv_heads=2, documents=4, position=7, steps=5)
+    back = Case.from_json(case.to_json())
+    assert back == case and hash(back) == hash(case) and back.kv_heads == 2
+    old = json.loads(Case("standard", "jax").to_json())
+    for name in ("num_kv_heads", "documents", "position", "steps"):
+        del old[name]  # a case written before these fields existed
+    assert Case.from_json(json.dumps(old)) == Case("standard", "jax")
+    assert Case("standard", "jax").kv_heads == 8
+    m = Measurement(Status.OK, times_ms=[1.0], time_ms=1.0, kv_mb=2.5)
+    assert Measurement.from_json(m.to_json()) == m
+
+
+def test_decode_and_shape_rows():
+    step = Case("decode", "jax", batch=1, seq_len=32768, position=30000, steps=50)
+    row = make_row(step, Measurement(Status.OK, times_ms=[2.0, 2.5], time_ms=2.25), plan.DECODE)
+    assert row["throughput_tok_s"] == pytest.approx(1 / 2.25e-3)  # one token per step, not the cache length
+    assert (row["position"], row["steps"], row["gflops"], row["label"]) == (
+        30000, 50, None, "decode step (cache 32768, index 30000)")
+    packed = Case("improved", "torch", seq_len=8192, documents=4, num_kv_heads=2)
+    prow = make_row(packed, Measurement(Status.OK, times_ms=[1.0], time_ms=1.0, kv_mb=8.0), plan.SHAPES)
+    assert (prow["documents"], prow["num_kv_heads"], prow["kv_mb"], prow["position"]) == (4, 2, 8.0, None)
+    assert list(prow) == list(FIELDS)
+    # packed documents of 2048 cut the 4096 segments to 2048: fewer useful FLOPs than the unpacked row
+    unpacked = make_row(dataclasses.replace(packed, documents=0), Measurement(Status.OK, times_ms=[1.0], time_ms=1.0),
+                        plan.SHAPES)
+    assert prow["gflops"] < unpacked["gflops"]
+    assert VARIANTS["improved"].useful_flops(packed) == dilated_flops(2, 8192, 8, 64, (1024, 2048, 2048), (1, 2, 4))
+    old = normalise({"variant": "improved", "framework": "jax", "seq_len": 8192, "status": "ok", "time_ms": 1.0})
+    assert (old["documents"], old["steps"], old["num_kv_heads"], old["kv_mb"]) == (0, 1, None, None)
+    assert plan.shape_kind(old, 8192) == "baseline"
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_shape_and_decode_builders_measure_tiny_cases(framework):
+    # in process (no subprocess): grouped-query heads with packed documents at an odd length and a decode
+    # step, at tiny sizes; torch also backward (JAX compiles a backward program for several seconds).
+    tiny = dict(batch=1, heads=4, head_dim=8, segment_lengths=(32, 64), dilation_rates=(1, 2), repeats=2)
+    backward = framework == "torch"
+    shapes = Case("improved", framework, seq_len=127, num_kv_heads=2, documents=2, backward=backward, **tiny)
+    m = runner.measure(shapes)
+    assert m.status is Status.OK and len(m.times_ms) == 2 and m.time_ms > 0
+    kv = 2 * (1 * 127 * 2 * 8 * 4) / 2**20  # k and v of (1, 127, 2, 8) float32; their gradients as much again
+    assert m.kv_mb == pytest.approx(kv * (2 if backward else 1), rel=1e-3)
+    step = Case("decode", framework, seq_len=128, position=100, steps=3, **tiny)
+    m = runner.measure(step)
+    assert m.status is Status.OK and len(m.times_ms) == 2 and m.kv_mb is None
+    if framework == "jax":
+        assert m.xla["device_mb"] > 0  # the compiled step, with its two cache arguments donated
+
+
 # ----------------------------------------------------------------------------------------------
 # the whole default report from fake measurements (in process, no subprocess)
 
 BASE_MS = {"standard": 400.0, "improved": 200.0, "multihead_standard": 600.0, "multihead_improved": 450.0,
            "ring_v2_collective": 210.0, "block_sparse": 300.0, "block_sparse_multihead": 500.0, "dense": 2000.0,
-           "matmul": 1000.0}
+           "matmul": 1000.0, "decode": 2.0}
+#: fake time factors of the shapes cases (the decode step takes 1.1x at the longer context)
+SHAPE_FACTOR = {"baseline": 1.0, "gqa": 0.8, "odd": 1.02, "packed": 1.2}
 
 
 def fake_measure(case: Case, timeout: float) -> Measurement:
@@ -308,10 +407,16 @@ def fake_measure(case: Case, timeout: float) -> Measurement:
     if case.variant == "ring_v2_collective" and case.framework == "jax" and case.seq_len == 8192:
         return Measurement.failed(FailureKind.TIMEOUT, f"timeout after {timeout:g} s")
     t = BASE_MS[case.variant] * (2 if case.framework == "torch" else 1) * (0.6 if case.causal else 1)
-    t *= (3 if case.backward else 1) * (case.seq_len / 4096 if case.variant != "matmul" else 1)
+    t *= (3 if case.backward else 1) * (case.seq_len / 4096 if case.variant not in ("matmul", "decode") else 1)
+    if case.variant == "decode":
+        t *= 1.1 if case.position > 1000 else 1.0
+    elif case.num_kv_heads or case.documents or case.seq_len == 8191:
+        t *= SHAPE_FACTOR[plan.shape_kind(case, 8192)] * 8192 / case.seq_len
     times = [t * 0.95, t, t * 1.05][:case.repeats]
+    kv_mb = 2 * case.batch * case.seq_len * case.kv_heads * case.head_dim * 4 / 2**20 * (2 if case.backward else 1)
     return Measurement(Status.OK, times_ms=times, time_ms=t, memory_mb=t / 10, device_name="cpu: fake",
-                       density=0.125 if VARIANTS[case.variant].block_sparse else None, software=f"{case.framework} 0")
+                       density=0.125 if VARIANTS[case.variant].block_sparse else None, software=f"{case.framework} 0",
+                       kv_mb=None if case.variant == "decode" else kv_mb)
 
 
 def _table_row(text: str, *cells: str) -> bool:
@@ -326,15 +431,18 @@ def test_default_report_from_fake_measurements(tmp_path, monkeypatch, capsys):
     assert cli.main(["--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert {r["status"] for r in rows} == STATUSES and {r["failure"] for r in rows} <= FAILURES
-    assert {r["section"] for r in rows} == {"main", "modes", "peak", "seed", "seed_dilated"}
+    assert {r["section"] for r in rows} == {"main", "modes", "peak", "shapes", "decode", "seed", "seed_dilated"}
     assert len([r for r in rows if r["section"] == "modes"]) == 16
+    assert len([r for r in rows if r["section"] == "shapes"]) == 16
+    assert len([r for r in rows if r["section"] == "decode"]) == 6
 
     md = (tmp_path / "REPORT.md").read_text(encoding="utf-8")
     headings = re.findall(r"^## (.+)$", md, flags=re.M)
     assert headings[0] == "Headline: which framework is faster"
     assert headings[1:] == ["All main rows: jax", "All main rows: torch", "JAX vs torch",
-                            "Modes: causal and backward at n = 8192", "Machine peak", "Plots", "Seed comparison",
-                            "Planned rows", "Method"]
+                            "Modes: causal and backward at n = 8192", "Machine peak",
+                            "Shapes: grouped-query heads, odd length, packed documents at n = 8192",
+                            "Decode: tokens/s with a key/value cache", "Plots", "Seed comparison", "Method"]
     headline = md.split("## All main rows")[0]
     # every variant, JAX twice as fast; dense only at 4096 (torch OOM at 8192); ring only 4096 (JAX timeout).
     assert _table_row(headline, "improved", "8192", "jax", "2.00x", r"400\.0 \(380\.0-420\.0\)")  # median, min-max
@@ -351,8 +459,27 @@ def test_default_report_from_fake_measurements(tmp_path, monkeypatch, capsys):
     assert "✗ out_of_memory: out of memory: fake" in md and "✗ skipped" not in md.split("## Seed")[0]
     assert "✗ timeout: timeout after 120 s" in md
     assert "(1 device = improved)" in md.split("## Seed comparison")[1]
-    for p in PLANNED:
-        assert f"| {p.name} " in md
+    shapes = md.split("### Time over the baseline")[1].split("### GQA")[0]
+    # improved forward+backward at 8192: 200 * 2 * 3 = 1200 ms in JAX; GQA 0.8x, odd 1.02x, packed 1.2x (missed)
+    assert _table_row(shapes, "jax", r"forward\+backward", "GQA h_kv=2 / h_kv=8", r"960\.0 \(912\.0-1008\.0\)",
+                      r"1200\.0 \(1140\.0-1260\.0\)", r"0\.80 \(0\.72-0\.88\)", "<= 1", "yes")
+    assert _table_row(shapes, "torch", "forward", "n=8191 / n=8192", ".*", ".*", r"1\.02 .*", "<= 1.05", "yes")
+    assert _table_row(shapes, "torch", "forward", r"packed \(4 documents\) / unpacked", ".*", ".*", r"1\.20 .*",
+                      "<= 1.1", "no")
+    gqa = md.split("### GQA: k/v memory")[1].split("## Decode")[0]
+    # k and v of (2, 8192, 2, 64) float32 take 8 MiB each, their gradients as much; 8 kv heads take 4x that
+    assert _table_row(gqa, "jax", r"forward\+backward", r"32\.0", r"128\.0", r"0\.250", "<= 0.25", "yes")
+    assert _table_row(gqa, "torch", "forward", r"16\.0", r"64\.0", r"0\.250", "<= 0.25", "yes")
+    decode = md.split("## Decode")[1].split("## Plots")[0]
+    assert _table_row(decode, "jax", r"decode step at index 1000 \(cache 32768\)", r"2\.000 \(1\.900-2\.100\)", "500")
+    # the full forward: 200 ms * 2 (torch) * 0.6 (causal) * 32768 / 4096
+    assert _table_row(decode, "torch", r"full causal forward over 32768 tokens \(batch 1\)", r"1920\.0 .*")
+    assert _table_row(decode, "jax", "decode", r"t\(index 30000\) / t\(index 1000\)", r"1\.100 .*", "<= 1.2", "yes")
+    assert _table_row(decode, "jax/torch", "decode", "JAX step / torch step at index 30000", r"0\.500 .*", "<= 1",
+                      "yes")
+    assert _table_row(decode, "torch", "decode", "step at index 30000 / full causal forward over 32768",
+                      r"0\.002 .*", "<= 1/50", "yes")
+    assert "Planned rows" not in md
     for name in report.PLOTS.values():
         assert (tmp_path / name).stat().st_size > 5000, name
         assert f"({name})" in md
