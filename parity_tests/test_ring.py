@@ -122,8 +122,8 @@ def test_jax_ring_one_device_is_improved(mesh_size):
 
 
 @pytest.mark.parametrize("p,seg,rates,causal,merge,padding", [
-    (2, (8, 32), (1, 2), True, "lse", True),  # a local and a spanning group, causal skip, mask, lse weights
-    (4, (8, 32), (1, 2), False, "head_partition", False),  # 3 hops
+    # a local and a spanning group, causal skip, mask, lse weights (more hops: the zigzag gradient tests)
+    (2, (8, 32), (1, 2), True, "lse", True),
 ])
 def test_jax_ring_gradients_match_standard(p, seg, rates, causal, merge, padding):
     rng = np.random.default_rng()
@@ -159,13 +159,12 @@ def _collectives(p, seg, rates, merge, padding):
     return [m.group(1) for m in _COLLECTIVE.finditer(fn.lower(*args).compile().as_text())]
 
 
-@pytest.mark.parametrize("merge", ["head_partition", "lse"])
+@pytest.mark.parametrize("merge", ["lse"])  # one branch per offset: the most kernel calls
 def test_hlo_local_groups_have_no_collective(merge):
     assert _collectives(4, (2, 4, 8), (1, 2, 4), merge, padding=True) == []
 
 
 @pytest.mark.parametrize("p,seg,rates,merge,padding", [
-    (8, (4, 16, 32), (1, 2, 4), "head_partition", False),  # 3 + 7 hops
     (4, (4, 32), (1, 2), "lse", True),  # 2 branches x 3 hops, each hop with its mask
 ])
 def test_hlo_spanning_groups_issue_m_minus_1_hops(p, seg, rates, merge, padding):
@@ -261,7 +260,7 @@ finally:
 """
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2])  # 4 ranks, with gradients: test_ring_balance.py
 def test_torch_ring_gloo_matches_reference(world):
     rng = np.random.default_rng()
     n, b, h, d = 32, 2, 4, 3

@@ -55,8 +55,8 @@ def test_zigzag_round_trip_and_layout():
 ZIGZAG = [
     (2, 16, (16,), (2,), True, "head_partition", 2, 1, False, True),  # one segment over both devices
     (4, 32, (4, 32), (1, 2), True, "lse", 4, 2, True, False),  # a local and a whole-sequence group
-    (8, 32, (8, 32), (1, 2), True, "head_partition", 4, 4, True, False),  # rings of 2 and of 8
-    (8, 32, (8, 16), (2, 2), False, "head_partition", 4, 2, False, False),  # bidirectional
+    (8, 32, (8, 32), (1, 2), True, "head_partition", 4, 4, True, False),  # rings of 2 and of 8 devices
+    (4, 32, (8, 16), (2, 2), False, "head_partition", 4, 2, False, False),  # bidirectional
 ]
 
 

@@ -20,7 +20,7 @@ def _mesh(p: int) -> jax.sharding.Mesh:
     return jax.make_mesh((p,), ("seq",), devices=jax.devices()[:p], axis_types=(jax.sharding.AxisType.Auto,))
 
 
-@pytest.mark.parametrize("devices", [1, 4])
+@pytest.mark.parametrize("devices", [4])  # one device is improved exactly: test_ring.py
 def test_jax_ring_module_equals_improved_module(devices):
     rng = np.random.default_rng()
     b, n, e, h = 2, 32, 16, 4
