@@ -11,7 +11,8 @@
 #
 # A small decoder-only model (`jax_dilated.models.LongNetLM`: token embedding + sinusoidal positions,
 # pre-LN blocks with causal `ImprovedMultiheadDilatedAttention` and an MLP, tied head) is trained with
-# optax AdamW on a synthetic long-range task, then saved with Orbax and restored.
+# optax AdamW on a synthetic long-range task, asked to continue prompts with `model.generate`, then saved
+# with Orbax and restored.
 #
 # Set `JAX_DILATED_NOTEBOOK_QUICK=1` (the notebook test does) to run a few steps only; the accuracy it
 # prints is then the honest accuracy of that short run, not the figure the full run reaches.
@@ -198,6 +199,41 @@ if accuracy >= 0.9:
     print("reached the >= 90% target")
 else:
     print(f"below the 90% target after {STEPS} steps ({'quick mode' if QUICK else 'full run'})")
+
+# %% [markdown]
+# ## Generating from the trained model
+#
+# `model.generate(prompt, max_new_tokens, ...)` prefills the prompt in one call and then decodes one
+# token per step with a key/value cache per layer (docs/semantics.md section 12); it runs on a copy of
+# the model, which it leaves unchanged. The prompt is a fresh sequence cut right after its last query
+# token, so the first generated token is the model's answer; what follows the answer in the data is
+# random filler, so the rest of the continuation has nothing to get right. `temperature=0` (the
+# default) is greedy; a positive temperature samples, with `rng` as the key. Token ids are shown by
+# what they stand for: `f3` a filler, `q5` the query for key 5, `v7` value 7, `(k,v)` a pair token.
+
+# %%
+def token_name(t: int) -> str:
+    if t < VALUE0:
+        return f"f{t}"
+    if t < QUERY0:
+        return f"v{t - VALUE0}"
+    if t < PAIR0:
+        return f"q{t - QUERY0}"
+    return "({},{})".format(*divmod(t - PAIR0, V))
+
+
+NEW = 4
+toks, targets, mask, _ = make_batch(np.random.default_rng(4), 2)
+cut = int(np.flatnonzero(np.asarray(mask[0]))[-1]) + 1        # up to and including the last query token
+prompt = toks[:, :cut]
+greedy = model.generate(prompt, NEW)
+sampled = model.generate(prompt, NEW, temperature=1.0, rng=jax.random.key(0))
+assert greedy.shape == sampled.shape == (2, cut + NEW)
+for i in range(2):
+    print(f"sequence {i}: prompt of {cut} tokens ending ... {' '.join(token_name(int(t)) for t in prompt[i, -6:])}")
+    print(f"  answer in the data: {token_name(int(targets[i, cut - 1]))}")
+    print(f"  greedy continuation:  {' '.join(token_name(int(t)) for t in greedy[i, cut:])}")
+    print(f"  sampled (T = 1.0):    {' '.join(token_name(int(t)) for t in sampled[i, cut:])}")
 
 # %% [markdown]
 # ## Save and restore (Orbax)
