@@ -77,6 +77,7 @@ class Case:
     documents: int = 0
     position: int = 0
     steps: int = 1
+    merge: str = "head_partition"
 
     @property
     def mode(self) -> str:

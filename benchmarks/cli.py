@@ -35,7 +35,7 @@ DEFAULT_SEQ_LENS = "4096,8192"
 #: Options that change which cases the main rows hold: set to anything but their default, the run is
 #: a custom run, which adds the mode rows and the seed comparison only when asked.
 CASE_OPTIONS = ("variants", "frameworks", "seq_lens", "batch", "heads", "head_dim", "embed_dim", "segment_lengths",
-                "dilation_rates", "block_size", "sparsity_ratio", "dtype", "causal", "backward")
+                "dilation_rates", "block_size", "sparsity_ratio", "dtype", "causal", "backward", "merge")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -80,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity-ratio", type=float, default=0.9, help="block-sparse: fraction of key blocks dropped")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--causal", action="store_true", help="causal masking for the main rows")
+    p.add_argument("--merge", choices=("head_partition", "lse"), default="head_partition",
+                   help="merge rule of the dilated-attention functions (standard, improved, ring)")
     p.add_argument("--backward", action="store_true", help="time forward + backward for the main rows")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per case (all recorded; tables show the median)")
     p.add_argument("--modes", action=argparse.BooleanOptionalAction, default=None,
@@ -174,7 +176,7 @@ def base_case(args: argparse.Namespace) -> Case:
                 batch=args.batch, seq_len=args.seq_lens[0], heads=args.heads, head_dim=args.head_dim,
                 embed_dim=args.embed_dim, segment_lengths=args.segment_lengths, dilation_rates=args.dilation_rates,
                 causal=args.causal, backward=args.backward, repeats=args.repeats, block_size=args.block_size,
-                sparsity_ratio=args.sparsity_ratio)
+                sparsity_ratio=args.sparsity_ratio, merge=args.merge)
 
 
 def sections(args: argparse.Namespace, seed_table: seed.SeedTable | None) -> dict[str, list[Case]]:

@@ -4,7 +4,7 @@
 multiply-add each, hence the 4) over the query/key pairs the variant is *defined* to compare, not
 what an implementation happens to compute (zero-filled or masked work is not useful):
 
-- dilated, group ``i`` with ``h_i`` heads (SPEC section 1 head partition), segment ``s_i``, rate
+- dilated, group ``i`` with ``h_i`` heads (semantics section 2.1 head partition), segment ``s_i``, rate
   ``r_i``: ``4 * b * h_i * (n / s_i) * (s_i / r_i)**2 * d``, summed over the groups;
 - dense attention: ``4 * b * h * n**2 * d``;
 - block-sparse: ``4 * b * h * kept * B**2 * d`` with ``kept = density * (n / B)**2`` kept blocks;

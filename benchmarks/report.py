@@ -815,7 +815,8 @@ def _settings(rows: Sequence[Row]) -> str:
     r = rows[0]
     text = (f"device `{r['device']}` ({r['device_name'] or 'unknown'}), dtype `{r['dtype']}`, batch {r['batch']}, "
             f"{r['heads']} heads, head_dim {r['head_dim']}, segment lengths {r['segment_lengths']}, dilation "
-            f"rates {r['dilation_rates']}, {r['mode']}, repeats {r['repeats']}")
+            f"rates {r['dilation_rates']}, merge {r.get('merge', 'head_partition')}, {r['mode']}, "
+            f"repeats {r['repeats']}")
     bs = next((x for x in rows if x["block_size"] is not None), None)
     if bs:
         text += f", block-sparse: block {bs['block_size']}, ratio {bs['sparsity_ratio']}, pattern dilated_sparse"

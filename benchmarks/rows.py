@@ -19,7 +19,7 @@ Row = dict[str, Any]
 FIELDS: tuple[str, ...] = (
     "variant", "label", "framework", "device", "dtype", "batch", "seq_len", "heads", "head_dim",
     "segment_lengths", "dilation_rates", "causal", "backward", "mode", "devices",
-    "num_kv_heads", "documents", "position", "steps",
+    "num_kv_heads", "documents", "position", "steps", "merge",
     "time_ms", "times_ms", "memory_mb", "throughput_tok_s", "gflops", "status", "failure", "error",
     "density", "embed_dim", "block_size", "sparsity_ratio", "repeats", "section", "device_name", "software",
     "xla_device_mb", "xla_temp_mb", "collectives", "comm_mb", "kv_mb", "wall_s", "cpu_s",
@@ -59,6 +59,7 @@ def make_row(case: Case, m: Measurement, section: str) -> Row:
         "documents": case.documents,
         "position": case.position if variant.kind is Kind.DECODE else None,
         "steps": case.steps,
+        "merge": case.merge,
         "time_ms": m.time_ms if ok else None,
         "times_ms": list(m.times_ms) if ok else [],
         "memory_mb": m.memory_mb if ok else None,
@@ -104,6 +105,7 @@ def normalise(row: Row) -> Row:
     out.setdefault("backward", False)
     out.setdefault("devices", 1)
     out.setdefault("documents", 0)
+    out.setdefault("merge", "head_partition")
     out.setdefault("steps", 1)
     out.setdefault("times_ms", [])
     out.setdefault("mode", Case(out["variant"], out["framework"], causal=out["causal"], backward=out["backward"]).mode)

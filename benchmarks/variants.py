@@ -129,7 +129,8 @@ MIB = 2.0**20
 
 
 def _dilated_kw(case: Case) -> dict[str, Any]:
-    return dict(segment_lengths=case.segment_lengths, dilation_rates=case.dilation_rates, is_causal=case.causal)
+    return dict(segment_lengths=case.segment_lengths, dilation_rates=case.dilation_rates, is_causal=case.causal,
+                merge=case.merge)
 
 
 def _block_kw(case: Case) -> dict[str, Any]:

@@ -91,16 +91,6 @@ class DilatedConfig:
         """Number of (segment, rate) groups ``G``."""
         return len(self.segment_lengths)
 
-    def check_sequence(self, n: int) -> None:
-        """Raise ValueError unless every segment length divides the sequence length ``n``."""
-        for s in self.segment_lengths:
-            if n % s:
-                raise ValueError(
-                    f"sequence length {n} is not divisible by segment length {s} "
-                    f"(segment_lengths={self.segment_lengths}); pad the sequence to a multiple of "
-                    f"{math.lcm(*self.segment_lengths)} or choose segment lengths that divide {n}."
-                )
-
     @property
     def period(self) -> int:
         """``lcm(s_0, ..., s_{G-1})``: the positions where a segment of every group starts are its multiples."""

@@ -359,10 +359,11 @@ class _Pick:
         if self.temperature == 0.0:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         scaled = logits.astype(jnp.float32) / self.temperature
-        if self.top_k is not None:
-            kth = jax.lax.top_k(scaled, self.top_k)[0][:, -1:]
-            scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+        if self.top_k is None:
+            return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+        top, ids = jax.lax.top_k(scaled, self.top_k)  # exactly k candidates, ties broken by lower id
+        pick = jax.random.categorical(key, top, axis=-1)
+        return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "pick"), donate_argnames=("cache",))

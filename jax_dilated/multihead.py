@@ -426,7 +426,7 @@ class BlockSparseMultiheadDilatedAttention(MultiheadAttentionBase):
 
     Same structure, parameters and call as :class:`MultiheadDilatedAttention`; the core's options
     ``block_size``, ``pattern``, ``sparsity_ratio`` and ``global_blocks`` (semantics section 5) replace
-    the segment lengths and dilation rates. ``n`` must be a multiple of ``block_size``.
+    the segment lengths and dilation rates. Any ``n``: the last block is shorter.
 
     >>> mha = BlockSparseMultiheadDilatedAttention(32, 4, block_size=4, sparsity_ratio=0.5, rngs=nnx.Rngs(0))
     >>> mha(jnp.ones((1, 16, 32), jnp.float32)).shape

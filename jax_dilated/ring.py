@@ -36,11 +36,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from dilated_plan import Branch, default_scale
+from dilated_plan.checks import check_is_causal, check_scale
 from dilated_plan.config import kv_buckets
 from dilated_plan.ring import CAUSAL, SKIP, RingLayout, check_load_balance, ring_layout, ring_padded_length
 from dilated_plan.ring import zigzag_inverse as _zigzag_inverse
 from dilated_plan.ring import zigzag_order as _zigzag_order
 from jax_dilated.branches import _heads, branch_attention, combine_branches, dilate, merge_lse, undilate
+from jax_dilated.checks import as_array
 from jax_dilated.dilated import improved_dilated_attention, validate
 from jax_dilated.kernels import Backend, attend, resolve
 
@@ -212,12 +214,14 @@ def _ring(q, k, v, key_padding_mask, *, lay, mesh, axis_name, is_causal, scale, 
 
 def _prepare(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask, mesh, axis_name, load_balance):
     """Validate a call; returns the arrays, the configuration and the plan (None: run improved)."""
-    q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    mask = None if key_padding_mask is None else jnp.asarray(key_padding_mask)
+    q, k, v = (as_array(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
+    mask = as_array("key_padding_mask", key_padding_mask)
     cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, mask)
     load_balance = check_load_balance(load_balance)
     if mesh is None:
         return q, k, v, mask, cfg, None
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh={mesh!r} should be a jax.sharding.Mesh (e.g. jax.make_mesh((P,), ('seq',))) or None.")
     if axis_name not in mesh.shape:
         raise ValueError(
             f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}; pass one of {tuple(mesh.shape)}."
@@ -347,7 +351,7 @@ def _call(q, k, v, segment_lengths, dilation_rates, mesh, axis_name, is_causal, 
         lay=lay,
         mesh=mesh,
         axis_name=axis_name,
-        is_causal=bool(is_causal),
-        scale=None if scale is None else float(scale),
+        is_causal=check_is_causal(is_causal),
+        scale=check_scale(scale),
         backend=backend,
     )

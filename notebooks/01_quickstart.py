@@ -26,7 +26,7 @@ print(jax.__version__, jax.devices())
 # ## Functions
 #
 # Every head group `i` cuts the sequence into segments of `segment_lengths[i]` and keeps every
-# `dilation_rates[i]`-th position inside each segment. `n` must be a multiple of every segment length.
+# `dilation_rates[i]`-th position inside each segment. `n` may be any length: the last segment of a group is then shorter (docs/semantics.md section 10).
 
 # %%
 b, n, h, d = 2, 64, 4, 16

@@ -12,7 +12,7 @@
 # Three independent statements of the same function: `jax_dilated`, its PyTorch mirror `torch_ref`,
 # and a plain NumPy float64 reference written out below (explicit masks, one dense softmax per head).
 # This notebook runs all of them on the same random inputs and prints and plots the errors. The test
-# suite holds the packages to SPEC.md section 8: float64 within `1e-10`, float32 within
+# suite holds the packages to docs/semantics.md section 8: float64 within `1e-10`, float32 within
 # `1e-5 * max|ref| + 1e-6`.
 
 # %%
@@ -138,7 +138,7 @@ for dtype in (np.float64, np.float32):
         rows.append((np.dtype(dtype).name, i, errors, bound))
         table.append([np.dtype(dtype).name, str(case)] + [f"{e:.1e}" for e in errors.values()] + [f"{bound:.0e}"])
 names = list(rows[0][2])
-print(tabulate(table, headers=["dtype", "case"] + names + ["SPEC bound"], tablefmt="github"))
+print(tabulate(table, headers=["dtype", "case"] + names + ["bound (semantics 8)"], tablefmt="github"))
 worst = max(max(e for n_, e in errs.items() if n_ != "jax vs torch (improved)") / bound for _, _, errs, bound in rows)
 print(f"worst error / bound: {worst:.2e}")
 assert worst <= 1.0
@@ -153,7 +153,7 @@ for ax, dtype in zip(axes, ("float64", "float32")):
     for j, name in enumerate(names):
         ax.bar(np.arange(len(sel)) + j * width, [max(r[2][name], 1e-18) for r in sel], width, label=name)
     ax.axhline(sel[0][3] if dtype == "float64" else min(r[3] for r in sel), color="k", ls="--", lw=1,
-               label="SPEC bound")
+               label="bound (semantics 8)")
     ax.set_yscale("log"); ax.set_xticks(np.arange(len(sel)) + 0.4, [f"case {r[1]}" for r in sel])
     ax.set_title(f"max |error| vs float64 reference, {dtype}")
 axes[0].legend(fontsize=7)

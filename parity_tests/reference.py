@@ -1,4 +1,4 @@
-"""The float64 NumPy reference of SPEC.md: the slowest, plainest statement of what is computed.
+"""The float64 NumPy reference of docs/semantics.md: the slowest, plainest statement of what is computed.
 
 Explicit per-head position masks, one dense softmax per head, plain loops. Tests only.
 """
@@ -9,7 +9,7 @@ import numpy as np
 
 
 def group_sizes(h: int, g: int) -> list[int]:
-    """SPEC 1.1: ``h // g`` heads per group, one more for the first ``h % g`` groups."""
+    """Semantics 2.1: ``h // g`` heads per group, one more for the first ``h % g`` groups."""
     return [h // g + (1 if i < h % g else 0) for i in range(g)]
 
 

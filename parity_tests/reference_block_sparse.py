@@ -1,4 +1,4 @@
-"""The plain float64 rendering of SPEC.md section 5 (block layouts, block-sparse attention). Tests only.
+"""The plain float64 rendering of docs/semantics.md section 5 (block layouts, block-sparse attention). Tests only.
 
 The layout follows the ordering rules word for word with explicit loops; the attention is dense
 softmax attention with the layout expanded to an element mask.
@@ -19,7 +19,7 @@ def budget(nb: int, sparsity_ratio: float) -> int:
 
 
 def ordered_candidates(i: int, nb: int, pattern: str, global_blocks: int, is_causal: bool) -> list[int]:
-    """The candidate key blocks of query block ``i`` in the pattern's order (SPEC 5)."""
+    """The candidate key blocks of query block ``i`` in the pattern's order (semantics 5)."""
     candidates = [j for j in range(nb) if not (is_causal and j > i)]
     order: list[int] = []
 

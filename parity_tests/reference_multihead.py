@@ -1,4 +1,4 @@
-"""Float64 NumPy reference of the multi-head modules (SPEC.md section 6), built from a state dict.
+"""Float64 NumPy reference of the multi-head modules (docs/semantics.md section 6), built from a state dict.
 
 Projections, a core from ``parity_tests.reference``, the sub-LayerNorm and the output projection,
 written out plainly. Tests only.
@@ -38,7 +38,7 @@ def dilated_core(segment_lengths, dilation_rates, merge="head_partition") -> Cal
 
 def block_sparse_core(**options) -> Callable:
     """Core of block-sparse attention with the given options (block_size, pattern, ...), from
-    ``parity_tests.reference_block_sparse`` (the plain rendering of SPEC section 5)."""
+    ``parity_tests.reference_block_sparse`` (the plain rendering of semantics section 5)."""
 
     def core(q, k, v, is_causal, key_padding_mask):
         return reference_block_sparse.block_sparse_attention(q, k, v, is_causal=is_causal,

@@ -108,7 +108,7 @@ def test_registry_covers_every_variant():
 
 
 def test_flops_by_hand():
-    # b=2, n=8, h=3, d=4, segments (4, 8), rates (1, 2): head groups [2, 1] (SPEC worked example).
+    # b=2, n=8, h=3, d=4, segments (4, 8), rates (1, 2): head groups [2, 1] (semantics 2.1 worked example).
     # group 0: 4*2*2*(8/4)*(4/1)^2*4 = 2048; group 1: 4*2*1*(8/8)*(8/2)^2*4 = 512.
     assert head_groups(3, 2) == [2, 1]
     assert head_groups(8, 3) == [3, 3, 2]
@@ -139,7 +139,7 @@ def test_useful_flops_of_cases():
 @given(b=st.integers(1, 4), h=st.integers(1, 16), d=st.integers(1, 128), n=st.sampled_from([64, 256, 4096]),
        causal=st.booleans())
 def test_one_dense_group_is_dense_attention(b, h, d, n, causal):
-    # G = 1, r = 1, s = n is dense attention (SPEC section 1), and so is its FLOP count.
+    # G = 1, r = 1, s = n is dense attention (semantics section 1), and so is its FLOP count.
     assert dilated_flops(b, n, h, d, (n,), (1,), causal) == dense_flops(b, n, h, d, causal)
     # full density block-sparse is dense too (non-causal).
     assert block_sparse_flops(b, n, h, d, 16, 1.0) == dense_flops(b, n, h, d)

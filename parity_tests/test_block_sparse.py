@@ -1,4 +1,4 @@
-"""Block layouts and block-sparse attention (SPEC.md section 5): JAX vs torch vs the plain float64 reference."""
+"""Block layouts and block-sparse attention (docs/semantics.md section 5): JAX vs torch vs the plain float64 reference."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_layout_matches_reference_and_budget(pattern, is_causal, global_blocks):
 @pytest.mark.parametrize(
     "pattern, ratio, global_blocks, is_causal, rows",
     [
-        # nb = 8, k = 4: first and last rows written out by hand from the SPEC rules
+        # nb = 8, k = 4: first and last rows written out by hand from the semantics rules
         ("local_window", 0.5, 1, False, {0: [0, 1, 2, 3], 3: [2, 3, 4, 1], 7: [4, 5, 6, 7]}),
         ("dilated_sparse", 0.5, 1, False, {0: [0, 1, 2, 4], 5: [5, 4, 6, 3], 7: [7, 6, 5, 3]}),
         ("global_local", 0.5, 2, False, {0: [0, 1, 2, 3], 5: [0, 1, 5, 4], 7: [0, 1, 7, 6]}),

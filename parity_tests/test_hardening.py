@@ -243,3 +243,13 @@ def test_invalid_arguments_are_refused_by_us(arg, pick, framework, form):
         if arg in ("key_padding_mask", "document_ids") and isinstance(bad, np.ndarray):
             kw[arg] = torch.as_tensor(bad)
         _raises_ours(lambda: TORCH_CORES[form](t, t, t, **kw))
+
+
+def test_ring_refusals():
+    q = _jq(1, 16, 2, 4)
+    mesh = jax.make_mesh((2,), ("seq",), devices=jax.devices()[:2])
+    _raises_ours(lambda: jd.ring_dilated_attention(q, q, q, mesh=[mesh], **KW), match="should be a jax.sharding.Mesh")
+    _raises_ours(lambda: jd.ring_dilated_attention(q, q, q, mesh=mesh, is_causal="no", **KW), match="is_causal")
+    _raises_ours(lambda: jd.ring_dilated_attention(q, q, q, mesh=mesh, scale=float("nan"), **KW), match="not finite")
+    t = _tq(1, 16, 2, 4)
+    _raises_ours(lambda: tr.ring_dilated_attention(t, t, t, is_causal="no", **KW), match="is_causal")

@@ -203,7 +203,7 @@ def test_dropout_keeps_the_expected_fraction():
 
 
 def test_float32_and_half_precision():
-    """float32 within the SPEC bound of float64; bf16/fp16 with float32 statistics within 2e-2."""
+    """float32 within the semantics section 8 bound of float64; bf16/fp16 with float32 statistics within 2e-2."""
     rng = np.random.default_rng()
     q, k, v, valid = _inputs(rng, 2, 40, 40, 4, 2, 16, padded=True)
     ref_out, _ = reference_attention(q, k, v, scale=0.25, is_causal=True, kv_valid=valid)

@@ -164,7 +164,7 @@ def test_options_bias_and_layer_norm(bias, layer_norm):
 
 
 def test_float32_and_dtype_options():
-    """float32 parity within SPEC tolerance. NNX: `dtype` sets the computation dtype, `param_dtype` the
+    """float32 parity within the semantics tolerance. NNX: `dtype` sets the computation dtype, `param_dtype` the
     weights'. torch: `dtype` is the factory dtype of the weights, and a call computes in the promotion
     of input and weight dtypes, so `module.half()(x.half())` computes in half."""
     kind = KIND["improved-head_partition"]

@@ -1,4 +1,4 @@
-"""Ring dilated attention (SPEC.md 7): parity on 2, 4 and 8 simulated devices, communication, errors.
+"""Ring dilated attention (docs/semantics.md 7): parity on 2, 4 and 8 simulated devices, communication, errors.
 
 JAX runs on the 8 CPU devices that conftest.py forces; torch runs in 2 and 4 gloo processes on
 loopback (one spawn per world size, several configurations inside).

@@ -179,3 +179,15 @@ def test_flex_lse_path_forward_matches_reference(is_causal):
     finite = torch.isfinite(want_lse)
     # flex attention keeps its log-sum-exp in float32, even for float64 inputs
     np.testing.assert_allclose(lse[finite].numpy(), want_lse[finite].numpy(), rtol=0, atol=1e-5)
+    # Non-finite keys/values (padded, and at a position causal rows before it never see) and a NaN query:
+    # only the rows that see them are NaN, as in the plain kernel.
+    kb, vb, qb = k.clone(), v.clone(), q.clone()
+    kb[0, ~valid[0]] = float("nan")
+    vb[0, 5] = float("inf")
+    qb[0, 2, 1] = float("nan")
+    out_b, lse_b = flex.flex_attention(qb, kb, vb, scale=0.3, is_causal=is_causal, kv_valid=valid)
+    want_b, want_lb = attend(qb, kb.repeat_interleave(2, dim=2), vb.repeat_interleave(2, dim=2), scale=0.3,
+                             is_causal=is_causal, kv_valid=valid)
+    assert torch.equal(torch.isnan(out_b), torch.isnan(want_b)) and torch.equal(torch.isnan(lse_b), torch.isnan(want_lb))
+    ok = ~torch.isnan(want_b)
+    np.testing.assert_allclose(out_b[ok].numpy(), want_b[ok].numpy(), rtol=0, atol=1e-12)

@@ -150,7 +150,7 @@ class BlockSparseDilatedAttention(nn.Module):
 
     Args:
       block_size, pattern, sparsity_ratio, global_blocks: the layout options, validated on construction
-        (the sequence length is checked against ``block_size`` on each call).
+        (any sequence length: the last block is shorter).
       scale: score scale, default ``1 / sqrt(head_dim)``.
       dropout: dropout on the attention probabilities, applied only in training mode.
 

@@ -169,7 +169,7 @@ def merge_lse(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]:
 def combine_branches(
     cfg: DilatedConfig, branches: tuple[Branch, ...], outs: list[Tensor], lses: list[Tensor | None]
 ) -> Tensor:
-    """Join per-branch results ``(b, n, heads_of_branch, d)`` into ``(b, n, h, d)`` per SPEC's merge rule."""
+    """Join per-branch results ``(b, n, heads_of_branch, d)`` into ``(b, n, h, d)`` (semantics section 2)."""
     if cfg.merge == "head_partition":
         return torch.cat(outs, dim=2).div_(cfg.num_groups)  # in place: cat's backward keeps no output
     group_outs, group_lses = [], []

@@ -261,7 +261,8 @@ def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torc
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     scaled = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator)[:, 0]
+    if top_k is None:
+        return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator)[:, 0]
+    top, ids = torch.topk(scaled, top_k, dim=-1)  # exactly k candidates
+    pick = torch.multinomial(torch.softmax(top, dim=-1), 1, generator=generator)
+    return ids.gather(1, pick)[:, 0]

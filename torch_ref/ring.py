@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dilated_plan import Branch, DilatedConfig, default_scale
+from dilated_plan.checks import check_is_causal, check_scale
 from dilated_plan.config import kv_buckets
 from dilated_plan.ring import CAUSAL, RingLayout, check_load_balance, ring_layout, ring_padded_length
 from dilated_plan.ring import zigzag_inverse as _zigzag_inverse
@@ -345,6 +346,7 @@ def ring_dilated_attention(
     lay = None
     try:
         load_balance = check_load_balance(load_balance)
+        is_causal, scale = check_is_causal(is_causal), check_scale(scale)
         cfg = DilatedConfig(segment_lengths, dilation_rates, merge)
         check_qkv(q, k, v)
         b, c, h, d = q.shape

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from torch_ref.kernels.plain import finite_keys, poison_masked
+
 Tensor = torch.Tensor
 
 
@@ -49,6 +51,7 @@ def flex_attention(
     b, m, h, _ = q.shape
     mk = k.shape[1]
     device = q.device
+    k, v, bad = finite_keys(k, v)  # a non-finite key/value reaches exactly the rows that see it
 
     def visible(batch, head, qi, ki):
         ok = ki <= qi if is_causal else ki >= 0
@@ -73,4 +76,10 @@ def flex_attention(
             seen = torch.cat([seen, seen[:, -1:].expand(b, m - mk)], dim=1)
     out = out.masked_fill(~seen[:, :, None, None], 0.0)
     lse = lse.masked_fill(~seen[:, :, None], float("-inf"))
-    return out, lse
+    # A non-finite query: its own row NaN, its log-sum-exp -inf (its scores count as no visible key), as
+    # in the plain kernel and the JAX kernels.
+    bad_q = ~torch.isfinite(q).all(dim=-1) & seen[:, :, None]
+    out, lse = out.masked_fill(bad_q[..., None], float("nan")), lse.masked_fill(bad_q, float("-inf"))
+    out, lse_p = poison_masked(out, lse, bad, kv_valid, is_causal)
+    assert lse_p is not None
+    return out, lse_p

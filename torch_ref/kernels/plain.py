@@ -44,6 +44,19 @@ def poison(out: Tensor, lse: Tensor | None, visible: Tensor | None, bad: Tensor)
     return out, None if lse is None else lse.masked_fill(rows, float("nan"))
 
 
+def poison_masked(
+    out: Tensor, lse: Tensor | None, bad: Tensor, kv_valid: Tensor | None, is_causal: bool
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`poison` for a call whose visibility is causal and/or ``(B, mk)`` valid keys (SDPA, flex)."""
+    if not bool(bad.any()):
+        return out, lse
+    m, mk = out.shape[1], bad.shape[1]
+    visible = torch.ones(m, mk, dtype=torch.bool, device=out.device).tril()[None, None] if is_causal else None
+    if kv_valid is not None:
+        visible = kv_valid[:, None, None, :] if visible is None else visible & kv_valid[:, None, None, :]
+    return poison(out, lse, visible, bad)
+
+
 def attend(
     q: Tensor,
     k: Tensor,

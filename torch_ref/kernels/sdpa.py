@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torch_ref.kernels.plain import finite_keys, poison, stats_dtype
+from torch_ref.kernels.plain import finite_keys, poison_masked, stats_dtype
 
 Tensor = torch.Tensor
 
@@ -110,10 +110,6 @@ def sdpa_attention(
         bad_q = bad_q & ~empty[:, :, None]
     o = o.masked_fill(bad_q[..., None], float("nan"))
     lse = _chunked_lse(q, k, kv_valid, scale=scale, is_causal=is_causal) if need_lse else None
-    visible = None
-    if bool(bad.any()):
-        m, mk = q.shape[1], k.shape[1]
-        visible = torch.ones(m, mk, dtype=torch.bool, device=q.device).tril()[None, None] if is_causal else None
-        if kv_valid is not None:
-            visible = kv_valid[:, None, None, :] if visible is None else visible & kv_valid[:, None, None, :]
-    return poison(o, lse, visible, bad)
+    if lse is not None:  # as the plain kernel: a non-finite query's log-sum-exp is -inf
+        lse = lse.masked_fill(bad_q, float("-inf"))
+    return poison_masked(o, lse, bad, kv_valid, is_causal)
