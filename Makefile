@@ -23,7 +23,7 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n 2 --dist loadfile -q $(TEST_ARGS)
+	$(PY) -m pytest -n 2 --dist worksteal -q $(TEST_ARGS)
 
 # Lint, format and types of the three packages (ruff and mypy; settings in pyproject.toml).
 lint: $(VENV)/.installed

@@ -88,18 +88,20 @@ def seed_device(table: SeedTable) -> str:
 
 
 def seed_cases(base: Case, variants: Sequence[str], frameworks: Sequence[str],
-               repeats: int | None = None) -> list[Case]:
-    """The seed's effective configuration: ``segment_lengths=[n]``, ``dilation_rates=[1]``, n 4096 and 8192,
-    batch 2, 8 heads, float32, forward only, non-causal; device, block-sparse options and (unless
-    ``repeats`` is given) repeats from ``base``. Only the seed's variants among ``variants`` take part."""
+               repeats: int | None = None, seq_lens: Sequence[int] = SEED_SEQ_LENS) -> list[Case]:
+    """The seed's effective configuration: ``segment_lengths=[n]``, ``dilation_rates=[1]``, n in ``seq_lens``
+    (the seed's table has 4096 and 8192), batch 2, 8 heads, float32, forward only, non-causal; device,
+    block-sparse options and (unless ``repeats`` is given) repeats from ``base``. Only the seed's variants
+    among ``variants`` take part."""
     return [dataclasses.replace(base, variant=v, framework=fw, seq_len=n, segment_lengths=(n,), dilation_rates=(1,),
                                 batch=SEED_BATCH, heads=SEED_HEADS, head_dim=SEED_HEAD_DIM,
                                 embed_dim=SEED_HEADS * SEED_HEAD_DIM, dtype="float32", causal=False, backward=False,
                                 repeats=base.repeats if repeats is None else repeats)
-            for v in SEED_VARIANTS if v in variants for fw in frameworks for n in SEED_SEQ_LENS]
+            for v in SEED_VARIANTS if v in variants for fw in frameworks for n in seq_lens]
 
 
-def dilated_cases(base: Case, variants: Sequence[str], frameworks: Sequence[str]) -> list[Case]:
+def dilated_cases(base: Case, variants: Sequence[str], frameworks: Sequence[str],
+                  seq_lens: Sequence[int] = SEED_SEQ_LENS) -> list[Case]:
     """:func:`seed_cases` with the dilated configuration (segments 1024/2048/4096, rates 1/2/4)."""
     return [dataclasses.replace(c, segment_lengths=DILATED_SEGMENTS, dilation_rates=DILATED_RATES)
-            for c in seed_cases(base, variants, frameworks)]
+            for c in seed_cases(base, variants, frameworks, seq_lens=seq_lens)]

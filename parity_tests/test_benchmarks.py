@@ -496,8 +496,10 @@ def test_cli_tiny_run(tmp_path: Path):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "benchmarks", "--variants", "improved", "--frameworks", "jax,torch",
            "--seq-lens", "256", "--segment-lengths", "64,128", "--dilation-rates", "1,2", "--batch", "1",
-           "--heads", "2", "--head-dim", "8", "--repeats", "2", "--modes", "--mode-seq-len", "256",
+           "--heads", "2", "--head-dim", "8", "--repeats", "2",
            "--peak-size", "128", "--timeout", "120", "--out", str(out)]
+    # (The mode rows are left out to keep the subprocess count down: their planning and table are tested
+    # from fake measurements above, and the default report's run measures them.)
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Headline: which framework is faster" in proc.stdout and "Time JAX/torch" in proc.stdout
@@ -505,11 +507,9 @@ def test_cli_tiny_run(tmp_path: Path):
 
     rows = json.loads((out / "results.json").read_text())
     assert {r["status"] for r in rows} == {"ok"}, [(r["label"], r["error"]) for r in rows if r["status"] != "ok"]
-    assert sorted((r["section"], r["framework"], r["mode"]) for r in rows if r["section"] != "modes") == [
+    assert sorted((r["section"], r["framework"], r["mode"]) for r in rows) == [
         ("main", "jax", "forward"), ("main", "torch", "forward"), ("peak", "jax", "forward"),
         ("peak", "torch", "forward")]
-    assert sorted((r["framework"], r["mode"]) for r in rows if r["section"] == "modes") == sorted(
-        (fw, m) for fw in ("jax", "torch") for m in report.MODE_NAMES)
     for row in rows:
         assert set(FIELDS) <= set(row) and row["failure"] is None
         assert len(row["times_ms"]) == 2 and min(row["times_ms"]) <= row["time_ms"] <= max(row["times_ms"])
@@ -524,8 +524,8 @@ def test_cli_tiny_run(tmp_path: Path):
 
     md = (out / "REPORT.md").read_text(encoding="utf-8")
     assert md.index("## Headline") < md.index("## All main rows") and "| improved " in md.split("## All")[0]
-    assert "### Time per mode" in md and "causal forward+backward" in md and "## Machine peak" in md
-    for name in ("time_vs_seq_len.png", "memory_vs_seq_len.png", "gflops.png", "modes.png"):
+    assert "## Machine peak" in md and "### Time per mode" not in md
+    for name in ("time_vs_seq_len.png", "memory_vs_seq_len.png", "gflops.png"):
         assert (out / name).stat().st_size > 5000 and f"({name})" in md
     assert not (out / "dilated_vs_dense.png").exists()  # no dense baseline in this run, so no "vs dense" plot
 
