@@ -64,6 +64,9 @@ def _has_image(cell) -> bool:
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_notebook_shows_its_results(path, monkeypatch):
     monkeypatch.setenv("JAX_DILATED_NOTEBOOK_QUICK", "1")
+    # notebooks compile at full optimisation, as users run them (conftest lowers it for the test processes)
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "").strip()
+    monkeypatch.setenv("XLA_FLAGS", flags)
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend turns figures into images
     # the kernel imports the checkout under test (as the benchmark's workers do), whatever is installed
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
