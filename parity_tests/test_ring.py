@@ -6,12 +6,7 @@ loopback (one spawn per world size, several configurations inside).
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +20,8 @@ import jax_dilated as jd
 import torch_ref as tr
 from dilated_plan import DilatedConfig, ring_plan
 from parity_tests import reference as ref
+from parity_tests.gloo import run_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (P, n, segment_lengths, dilation_rates, kind, is_causal, merge, padding): chunk c = n / P. "local":
 # every c % s == 0; "span": every s % c == 0 with s > c; "mixed": both kinds in one call. Rates > 1 with
@@ -216,47 +211,24 @@ TORCH_CASES = [  # (segment_lengths, dilation_rates, is_causal, merge, padding),
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# The rank program, run as `python worker.py RANK WORLD PORT FOLDER CASES`. It is a script rather than a
-# function of this module so that each process imports only numpy, torch and torch_ref (importing this
-# module would also import JAX and Flax, seconds per process on a small machine).
+# The rank program (parity_tests.gloo runs it on each rank).
 _TORCH_WORKER = """
-import ast, os, sys
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch_ref as tr
-
-rank, world, port, folder = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-cases = ast.literal_eval(sys.argv[5])
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-try:
-    data = np.load(os.path.join(folder, "inputs.npz"))
-    c = data["q0"].shape[1] // world
-    sl = slice(rank * c, (rank + 1) * c)
-    results = {}
-    for i, (seg, rates, causal, merge, padding) in enumerate(cases):
-        q, k, v = (torch.as_tensor(data[f"{x}{i}"][:, sl]) for x in "qkv")
-        mask = torch.as_tensor(data[f"mask{i}"][:, sl]) if padding else None
-        with torch.no_grad():
-            out = tr.ring_dilated_attention(q, k, v, segment_lengths=seg, dilation_rates=rates,
-                                            is_causal=causal, merge=merge, key_padding_mask=mask)
-            out32 = tr.RingDilatedAttention(seg, rates, merge=merge)(
-                q.float(), k.float(), v.float(), is_causal=causal, key_padding_mask=mask)
-        results[f"out{i}"] = out.numpy()
-        results[f"out32_{i}"] = out32.numpy()
-    try:  # the chunk 32 / world is not a multiple of the rate 32
-        tr.ring_dilated_attention(q, k, v, segment_lengths=(32,), dilation_rates=(32,))
-    except ValueError as e:
-        results["error"] = np.array(str(e))
-    np.savez(os.path.join(folder, f"out{rank}.npz"), **results)
-finally:
-    dist.destroy_process_group()
+c = data["q0"].shape[1] // world
+sl = slice(rank * c, (rank + 1) * c)
+for i, (seg, rates, causal, merge, padding) in enumerate(cases):
+    q, k, v = (torch.as_tensor(data[f"{x}{i}"][:, sl]) for x in "qkv")
+    mask = torch.as_tensor(data[f"mask{i}"][:, sl]) if padding else None
+    with torch.no_grad():
+        out = tr.ring_dilated_attention(q, k, v, segment_lengths=seg, dilation_rates=rates,
+                                        is_causal=causal, merge=merge, key_padding_mask=mask)
+        out32 = tr.RingDilatedAttention(seg, rates, merge=merge)(
+            q.float(), k.float(), v.float(), is_causal=causal, key_padding_mask=mask)
+    results[f"out{i}"] = out.numpy()
+    results[f"out32_{i}"] = out32.numpy()
+try:  # the chunk 32 / world is not a multiple of the rate 32
+    tr.ring_dilated_attention(q, k, v, segment_lengths=(32,), dilation_rates=(32,))
+except ValueError as e:
+    results["error"] = np.array(str(e))
 """
 
 
@@ -269,18 +241,7 @@ def test_torch_ring_gloo_matches_reference(world):
         q, k, v, mask = _inputs(rng, b, n, h, d, True)
         data.update({f"q{i}": q, f"k{i}": k, f"v{i}": v, f"mask{i}": mask})
         wants.append(ref.dilated_attention(q, k, v, seg, rates, causal, None, merge, mask if padding else None))
-    with tempfile.TemporaryDirectory() as folder:
-        np.savez(os.path.join(folder, "inputs.npz"), **data)
-        script = os.path.join(folder, "worker.py")
-        with open(script, "w") as f:
-            f.write(_TORCH_WORKER)
-        port = str(_free_port())
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-        procs = [subprocess.Popen([sys.executable, script, str(r), str(world), port, folder, repr(TORCH_CASES)],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
-        logs = [p.communicate(timeout=120)[0].decode() for p in procs]
-        assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-        outs = [dict(np.load(os.path.join(folder, f"out{r}.npz"))) for r in range(world)]
+    outs = run_ranks(_TORCH_WORKER, world, data, TORCH_CASES)
     for i, want in enumerate(wants):
         got = np.concatenate([o[f"out{i}"] for o in outs], axis=1)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)

@@ -6,11 +6,7 @@ JAX runs on the 8 CPU devices that conftest.py forces; torch runs in gloo proces
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +21,7 @@ from dilated_plan import DilatedConfig
 from dilated_plan.ring import balance, ring_layout, ring_tiles, ring_work, zigzag_order
 from jax_dilated.ring import ring_tile_counts
 from parity_tests import reference as ref
-from parity_tests.test_ring import ROOT, _free_port
+from parity_tests.gloo import run_ranks
 
 
 def _mesh(p: int) -> Mesh:
@@ -176,42 +172,27 @@ TORCH_CASES = [  # (segment_lengths, dilation_rates, is_causal, merge, h, h_kv, 
 ]
 
 _WORKER = """
-import ast, os, sys
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch_ref as tr
-
-rank, world, port, folder = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-cases = ast.literal_eval(sys.argv[5])
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-try:
-    data = np.load(os.path.join(folder, "inputs.npz"))
-    c = data["q0"].shape[1] // world
-    sl = slice(rank * c, (rank + 1) * c)
-    results = {}
-    for i, (seg, rates, causal, merge, h, h_kv, padding, lb) in enumerate(cases):
-        def mine(x):
-            x = torch.as_tensor(x)
-            return (tr.to_zigzag(x, world) if lb else x)[:, sl]
-        q, k, v = (mine(data[f"{x}{i}"]).requires_grad_() for x in "qkv")
-        mask = mine(data[f"mask{i}"]) if padding else None
-        out = tr.ring_dilated_attention(q, k, v, segment_lengths=seg, dilation_rates=rates, is_causal=causal,
-                                        merge=merge, key_padding_mask=mask, load_balance=lb)
-        (out * mine(data[f"w{i}"])).sum().backward()
-        for name, x in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
-            results[f"{name}{i}"] = x.detach().numpy()
-    q = torch.zeros(1, 8, 2, 2, dtype=torch.float64)
-    for name, kw in (("seg", dict(segment_lengths=(8 * (rank + 1),), dilation_rates=(1,))),
-                     ("shape", dict(segment_lengths=(8,), dilation_rates=(1,), q=q[:, : 4 + 4 * rank]))):
-        args = kw.pop("q", q)
-        try:  # ranks that disagree raise on every rank, before any block is sent
-            tr.ring_dilated_attention(args, args, args, **kw)
-        except ValueError as e:
-            results[f"error_{name}"] = np.array(str(e))
-    np.savez(os.path.join(folder, f"out{rank}.npz"), **results)
-finally:
-    dist.destroy_process_group()
+c = data["q0"].shape[1] // world
+sl = slice(rank * c, (rank + 1) * c)
+for i, (seg, rates, causal, merge, h, h_kv, padding, lb) in enumerate(cases):
+    def mine(x):
+        x = torch.as_tensor(x)
+        return (tr.to_zigzag(x, world) if lb else x)[:, sl]
+    q, k, v = (mine(data[f"{x}{i}"]).requires_grad_() for x in "qkv")
+    mask = mine(data[f"mask{i}"]) if padding else None
+    out = tr.ring_dilated_attention(q, k, v, segment_lengths=seg, dilation_rates=rates, is_causal=causal,
+                                    merge=merge, key_padding_mask=mask, load_balance=lb)
+    (out * mine(data[f"w{i}"])).sum().backward()
+    for name, x in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+        results[f"{name}{i}"] = x.detach().numpy()
+q = torch.zeros(1, 8, 2, 2, dtype=torch.float64)
+for name, kw in (("seg", dict(segment_lengths=(8 * (rank + 1),), dilation_rates=(1,))),
+                 ("shape", dict(segment_lengths=(8,), dilation_rates=(1,), q=q[:, : 4 + 4 * rank]))):
+    args = kw.pop("q", q)
+    try:  # ranks that disagree raise on every rank, before any block is sent
+        tr.ring_dilated_attention(args, args, args, **kw)
+    except ValueError as e:
+        results[f"error_{name}"] = np.array(str(e))
 """
 
 
@@ -233,18 +214,7 @@ def test_torch_ring_gloo_values_and_gradients(world):
         mask, w = rng.random((b, n)) < 0.25, rng.standard_normal((b, n, h, d))
         data.update({f"q{i}": q, f"k{i}": k, f"v{i}": v, f"mask{i}": mask, f"w{i}": w})
         wants.append(_single(q, k, v, mask if padding else None, w, seg, rates, causal, merge))
-    with tempfile.TemporaryDirectory() as folder:
-        np.savez(os.path.join(folder, "inputs.npz"), **data)
-        script = os.path.join(folder, "worker.py")
-        with open(script, "w") as f:
-            f.write(_WORKER)
-        port = str(_free_port())
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-        procs = [subprocess.Popen([sys.executable, script, str(r), str(world), port, folder, repr(TORCH_CASES)],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
-        logs = [p.communicate(timeout=120)[0].decode() for p in procs]
-        assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-        outs = [dict(np.load(os.path.join(folder, f"out{r}.npz"))) for r in range(world)]
+    outs = run_ranks(_WORKER, world, data, TORCH_CASES)
     for i, want in enumerate(wants):
         lb = TORCH_CASES[i][-1]
         for name in ("out", "dq", "dk", "dv"):
