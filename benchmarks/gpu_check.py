@@ -292,33 +292,13 @@ def kernel_tflops(dry: bool) -> list[dict[str, Any]]:
                 return jnp.sum(fwd(q, k, v, backend).astype(jnp.float32))
 
             for mode, fn, mult in (("fwd", jax.jit(fwd), 1), ("fwd+bwd", jax.jit(jax.grad(loss, (0, 1, 2))), 3)):
+                row = dict(backend=backend, framework="jax", mode=mode, head_dim=d, m=m, rows=b)
                 try:
                     ms, times = _median_ms(lambda fn=fn: fn(q, k, v), jax.block_until_ready, repeats)
-                    rows.append(
-                        dict(
-                            backend=backend,
-                            framework="jax",
-                            mode=mode,
-                            head_dim=d,
-                            m=m,
-                            rows=b,
-                            time_ms=ms,
-                            times_ms=times,
-                            tflops=mult * flops / ms / 1e9,
-                        )
-                    )
+                    row.update(time_ms=ms, times_ms=times, tflops=mult * flops / ms / 1e9)
                 except Exception as exc:  # noqa: BLE001 - recorded, the check goes on
-                    rows.append(
-                        dict(
-                            backend=backend,
-                            framework="jax",
-                            mode=mode,
-                            head_dim=d,
-                            m=m,
-                            rows=b,
-                            error=f"{type(exc).__name__}: {str(exc)[:200]}",
-                        )
-                    )
+                    row.update(error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                rows.append(row)
     rows += _in_torch("_torch_kernel_tflops", dry)
     return rows
 
