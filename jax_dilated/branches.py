@@ -88,9 +88,16 @@ def _pad_positions(x: Array, extra: int, fill: Any = 0) -> Array:
 
 
 class Documents(NamedTuple):
-    """Packed documents of a call, per position: ``start`` ``(b, n)``, the first position of its document."""
+    """Packed documents of a call, per position: ``start`` ``(b, n)``, the first position of its document.
+
+    ``position`` ``(n,)``: the positions of the rows, ``0 .. n-1`` when None. A window of a longer
+    sequence (a ring device's chunk with its neighbours' edges) passes its global positions and
+    starts; a (document, segment) run that begins before the window's first position is then not
+    laid out (it is cut, and its rows are the caller's to drop).
+    """
 
     start: Array
+    position: Array | None = None
 
     @classmethod
     def from_ids(cls, document_ids: Array) -> Documents:
@@ -114,10 +121,13 @@ def _document_slots(docs: Documents, br: Branch, rows: int) -> tuple[Array, Arra
     consecutive next-fit rows hold more than ``m`` slots).
     """
     n = docs.start.shape[1]
-    m, p = br.kept, jnp.arange(n)
+    m = br.kept
+    p = jnp.arange(n) if docs.position is None else docs.position
     rel = p - docs.start
     kept = (rel % br.segment) % br.rate == br.offset
     segment = rel // br.segment
+    if docs.position is not None:  # a run cut by the window's left edge is not laid out
+        kept = kept & (docs.start + segment * br.segment >= p[0])
     first = jnp.concatenate(
         [jnp.ones_like(kept[:, :1]), (docs.start[:, 1:] != docs.start[:, :-1]) | (segment[:, 1:] != segment[:, :-1])],
         axis=1,

@@ -351,7 +351,8 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
     Further arguments as :class:`MultiheadDilatedAttention`; ``mesh`` is a ``jax.sharding.Mesh`` with
     an axis ``axis_name`` (the one the sequence is sharded over), or None. ``load_balance="zigzag"``
     takes ``x`` (and masks) in :func:`jax_dilated.to_zigzag` order and returns that order (no rotary
-    embedding then: its positions would be the zigzag indices).
+    embedding then: its positions would be the zigzag indices). ``document_ids`` (packed documents)
+    are taken in the contiguous layout, rotary positions restarting at every document.
 
     >>> mesh = jax.make_mesh((1,), ("seq",))
     >>> mha = RingMultiheadDilatedAttention(32, 4, (8, 16), (1, 2), mesh=mesh, rngs=nnx.Rngs(0))
@@ -404,8 +405,6 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
         self.load_balance = check_load_balance(load_balance)
 
     def _attend(self, q, k, v, mask, docs, is_causal, rate, rng):
-        if docs is not None:
-            raise ValueError("RingMultiheadDilatedAttention takes no document_ids yet; pass document_ids=None.")
         cfg, kw = self.config, dict(mesh=self.mesh, axis_name=self.axis_name, implementation=self.implementation)
         return ring_dilated_attention(
             q,
@@ -417,6 +416,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             key_padding_mask=mask,
             is_causal=is_causal,
             load_balance=self.load_balance,
+            document_ids=docs,
             **kw,
         )
 

@@ -20,6 +20,14 @@ Nothing is ever all-gathered: a device holds its own block and one received bloc
 A sequence whose length does not fit the contiguous plan is padded at its end
 (:func:`dilated_plan.ring_padded_length`), its padding masked as keys and dropped from the output:
 exactly the any-length rule of semantics section 10.
+
+Packed documents (``document_ids``, contiguous layout): segments restart at every document, so runs
+no longer line up with chunks. The devices first agree on each position's document start (one id
+from the device before, one start per device all-gathered). A group whose segments fit in a chunk
+then exchanges only the ``s`` positions next to each chunk edge and runs the single-device packed
+branch on the widened window; a longer group passes whole chunks of its key/value heads to the
+``s / c`` devices on each side, masking every tile by (document, segment) run and skipping tiles
+whose runs cannot meet. Exact; the longer groups lose the dilation's compaction (docs/ring.md).
 """
 
 from __future__ import annotations
@@ -41,8 +49,17 @@ from dilated_plan.config import kv_buckets
 from dilated_plan.ring import CAUSAL, SKIP, RingLayout, check_load_balance, ring_layout, ring_padded_length
 from dilated_plan.ring import zigzag_inverse as _zigzag_inverse
 from dilated_plan.ring import zigzag_order as _zigzag_order
-from jax_dilated.branches import _heads, branch_attention, combine_branches, dilate, merge_lse, undilate
-from jax_dilated.checks import as_array
+from jax_dilated.branches import (
+    Documents,
+    _document_branch,
+    _heads,
+    branch_attention,
+    combine_branches,
+    dilate,
+    merge_lse,
+    undilate,
+)
+from jax_dilated.checks import as_array, check_document_ids
 from jax_dilated.dilated import improved_dilated_attention, validate
 from jax_dilated.kernels import Backend, attend, resolve
 
@@ -155,11 +172,177 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, lay: RingLayout, 
     return undilate(out, local, b, 0.0), undilate(lse, local, b, -jnp.inf), count
 
 
-def _device_body(q, k, v, key_padding_mask, *, lay: RingLayout, axis_name, is_causal, scale, backend):
+def _document_starts(ids: Array, *, axis_name, num_devices: int) -> Array:
+    """The global first position of each position's document, ``(b, c)``, from one device's ``ids`` ``(b, c)``.
+
+    A document is a maximal run of equal ids (semantics section 10): the device compares its first
+    id with the last id of the device before it (one ``ppermute`` of ``(b, 1)``), and a chunk in
+    which no document starts takes the latest start of the devices before it (an ``all_gather`` of
+    one position per row and device).
+    """
+    c = ids.shape[1]
+    device = jax.lax.axis_index(axis_name)
+    pos = device * c + jnp.arange(c)
+    before = jax.lax.ppermute(ids[:, -1:], axis_name, [(i, i + 1) for i in range(num_devices - 1)])
+    new = (ids != jnp.concatenate([before, ids[:, :-1]], axis=1)) | (pos == 0)[None]
+    own = jax.lax.cummax(jnp.where(new, pos, -1), axis=1)  # -1 until a document starts in the chunk
+    last = jax.lax.all_gather(own[:, -1], axis_name)  # (P, b)
+    earlier = jnp.where((jnp.arange(num_devices) < device)[:, None], last, -1).max(axis=0)
+    return jnp.where(own >= 0, own, earlier[:, None])
+
+
+def _window(x: Array, halo: int, *, axis_name, num_devices: int, right: bool) -> Array:
+    """``(b, c, ...)`` -> ``(b, halo + c [+ halo], ...)``: the chunk between its neighbours' edges.
+
+    The last ``halo`` positions of the device before (zeros on device 0) and, with ``right``, the
+    first ``halo`` of the device after (zeros on the last device).
+    """
+    after = [(i, i + 1) for i in range(num_devices - 1)]
+    parts = [jax.lax.ppermute(x[:, -halo:], axis_name, after), x]
+    if right:
+        parts.append(jax.lax.ppermute(x[:, :halo], axis_name, [(j, i) for i, j in after]))
+    return jnp.concatenate(parts, axis=1)
+
+
+def _document_local_group(q, k, v, valid, start, group_branches, *, lay: RingLayout, axis_name, kw: dict):
+    """The branches of one group whose segments fit in a chunk, on packed documents.
+
+    Segments restart at every document, so a (document, segment) run may cross a chunk boundary,
+    but it is at most ``s`` long: every run that touches the chunk lies inside the window of the
+    chunk and ``s`` positions on each side (``s`` before it only, under causal masking). The device
+    receives those edges (keys, values, validity and document starts; its own queries only), runs
+    the single-device packed-documents branch on the window and keeps its own rows. Positions
+    outside ``[0, n)`` are invalid keys, each its own document.
+    """
+    b, c = q.shape[:2]
+    s, p = lay.cfg.segment_lengths[group_branches[0].group], lay.num_devices
+    right = not kw["is_causal"]
+    wide = functools.partial(_window, halo=s, axis_name=axis_name, num_devices=p, right=right)
+    device = jax.lax.axis_index(axis_name)
+    pos = device * c - s + jnp.arange(c + (2 if right else 1) * s)
+    real = (pos >= 0) & (pos < lay.n)
+    start_w = jnp.where(real[None], wide(start), pos[None])
+    valid_w = wide(valid) & real[None]
+    zeros = jnp.zeros((b, s, *q.shape[2:]), q.dtype)
+    q_w = jnp.concatenate([zeros, q] + ([zeros] if right else []), axis=1)
+    k_w, v_w = wide(k), wide(v)
+    docs = Documents(start_w, pos)
+    outs, lses = [], []
+    for br in group_branches:
+        buckets = kv_buckets(br.heads, q.shape[2] // k.shape[2])
+        order = np.argsort(np.concatenate([u.query_heads for u in buckets]))
+        o, l = _document_branch(q_w, k_w, v_w, ~valid_w, docs, br, buckets, order, kw)
+        outs.append(o[:, s : s + c])
+        lses.append(None if l is None else l[:, s : s + c])
+    return outs, lses
+
+
+def _document_spanning_branch(q, k, v, valid, start, br: Branch, *, lay: RingLayout, axis_name, scale, is_causal,
+                              backend):  # fmt: skip
+    """One branch whose segments are longer than a chunk, on packed documents.
+
+    A (document, segment) run starts wherever its document does, so the dilation grid is not the
+    chunk's: each device passes its whole chunk of the branch's ``h_kv`` key/value heads with one id
+    per position (the run's first position where the branch keeps it, else -2) to its neighbours,
+    up to ``s / c`` devices each way (only from the devices before under causal masking; a run
+    spans at most ``s / c + 1`` chunks), and every query/key chunk tile is masked by run id. A tile
+    whose run ids cannot meet (their ranges per row are disjoint) is skipped by ``lax.cond``.
+    Returns ``(b, c, heads, d)``, ``(b, c, heads)`` and the tiles computed.
+    """
+    b, c, h = q.shape[:3]
+    p, s = lay.num_devices, br.segment
+    buckets = kv_buckets(br.heads, h // k.shape[2])
+    q_heads = tuple(j for u in buckets for j in u.query_heads)
+    kv_heads = tuple(j for u in buckets for j in u.kv_heads)
+    qo = np.cumsum([0] + [len(u.query_heads) for u in buckets])
+    ko = np.cumsum([0] + [len(u.kv_heads) for u in buckets])
+    device = jax.lax.axis_index(axis_name)
+    rel = device * c + jnp.arange(c) - start
+    run = start + (rel // s) * s
+    kept = (rel % s) % br.rate == br.offset
+    q_ids = jnp.where(kept, run, -1)
+    kv_ids = jnp.where(kept & valid, run, -2)
+    qh = _heads(q, q_heads)
+    kv = jnp.stack([_heads(k, kv_heads), _heads(v, kv_heads)])
+
+    def span(ids):  # (b,) smallest and largest run id of the kept positions of a chunk, per row
+        return jnp.where(ids >= 0, ids, jnp.iinfo(ids.dtype).max).min(axis=1), ids.max(axis=1)
+
+    q_lo, q_hi = span(q_ids)
+
+    def tile(kv, ids, causal):
+        outs, lses = [], []
+        for u in range(len(buckets)):
+            o, l = attend(qh[:, :, qo[u] : qo[u + 1]], kv[0][:, :, ko[u] : ko[u + 1]], kv[1][:, :, ko[u] : ko[u + 1]],
+                          scale=scale, is_causal=causal, q_ids=q_ids, kv_ids=ids, implementation=backend)  # fmt: skip
+            assert l is not None
+            outs.append(o)
+            lses.append(l)
+        return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
+
+    out, lse = tile(kv, kv_ids, is_causal)
+    count = jax.lax.pcast(jnp.ones((), jnp.int32), axis_name, to="varying")
+    reach = min(s // c, p - 1)
+    for step in (1,) if is_causal else (1, -1):  # blocks from the devices before, then (bidirectional) after
+        perm = [(i, i + step) for i in range(p) if 0 <= i + step < p]
+        block, ids = kv, kv_ids
+        for hop in range(1, reach + 1):
+            block, ids = jax.lax.ppermute((block, ids), axis_name, perm)
+            k_lo, k_hi = span(ids)
+            src = device - step * hop
+            meet = (src >= 0) & (src < p) & jnp.any((q_lo <= k_hi) & (k_lo <= q_hi))
+
+            def merge(carry, block=block, ids=ids):
+                o, l = tile(block, ids, False)
+                o, l = merge_lse([carry[0], o], [carry[1], l])
+                return o.astype(carry[0].dtype), l.astype(carry[1].dtype), carry[2] + 1
+
+            out, lse, count = jax.lax.cond(meet, merge, lambda carry: carry, (out, lse, count))
+    order = np.argsort(np.asarray(q_heads))
+    if len(buckets) > 1:
+        out, lse = jnp.take(out, order, axis=2), jnp.take(lse, order, axis=2)
+    return out, lse, count
+
+
+def _document_body(q, k, v, key_padding_mask, document_ids, *, lay: RingLayout, axis_name, is_causal, scale,
+                   backend):  # fmt: skip
+    """:func:`_device_body` of packed documents (contiguous layout): the branches' outputs, lses and tiles."""
+    cfg, p = lay.cfg, lay.num_devices
+    branches = cfg.branches(q.shape[2])
+    start = _document_starts(document_ids, axis_name=axis_name, num_devices=p)
+    valid = jnp.ones(q.shape[:2], bool) if key_padding_mask is None else ~key_padding_mask
+    outs: list[Any] = [None] * len(branches)
+    lses: list[Any] = [None] * len(branches)
+    count = jnp.zeros((), jnp.int32)
+    kw = dict(scale=scale, is_causal=is_causal, dropout_rate=0.0, dropout_rng=None, need_lse=cfg.merge == "lse",
+              implementation=backend)  # fmt: skip
+    for g in range(cfg.num_groups):
+        idx = [i for i, br in enumerate(branches) if br.group == g]
+        if not idx:
+            continue
+        if cfg.segment_lengths[g] <= lay.chunk:
+            o, l = _document_local_group(q, k, v, valid, start, [branches[i] for i in idx], lay=lay,
+                                         axis_name=axis_name, kw=kw)  # fmt: skip
+            for i, oi, li in zip(idx, o, l, strict=True):
+                outs[i], lses[i] = oi, li
+            continue
+        for i in idx:
+            outs[i], lses[i], tiles = _document_spanning_branch(q, k, v, valid, start, branches[i], lay=lay,
+                                                                axis_name=axis_name, scale=scale, is_causal=is_causal,
+                                                                backend=backend)  # fmt: skip
+            count = count + tiles
+    return combine_branches(cfg, branches, outs, lses).astype(q.dtype), count[None]
+
+
+def _device_body(q, k, v, key_padding_mask=None, document_ids=None, *, lay: RingLayout, axis_name, is_causal, scale,
+                 backend):  # fmt: skip
     """Per-device program: ``(b, chunk, h, d)`` in, ``(b, chunk, h, d)`` out and the tiles computed ``(1,)``."""
     cfg = lay.cfg
     h = q.shape[2]
     scale = default_scale(q.shape[3], scale)
+    if document_ids is not None:
+        kw = dict(lay=lay, axis_name=axis_name, is_causal=is_causal, scale=scale, backend=backend)
+        return _document_body(q, k, v, key_padding_mask, document_ids, **kw)
     branches = cfg.branches(h)
     outs, lses = [], []
     count = jnp.zeros((), jnp.int32)
@@ -197,29 +380,38 @@ def _device_body(q, k, v, key_padding_mask, *, lay: RingLayout, axis_name, is_ca
 
 
 @functools.partial(jax.jit, static_argnames=("lay", "mesh", "axis_name", "is_causal", "scale", "backend"))
-def _ring(q, k, v, key_padding_mask, *, lay, mesh, axis_name, is_causal, scale, backend):
+def _ring(q, k, v, key_padding_mask, document_ids, *, lay, mesh, axis_name, is_causal, scale, backend):
     seq = PartitionSpec(None, axis_name)
     body = functools.partial(
         _device_body, lay=lay, axis_name=axis_name, is_causal=is_causal, scale=scale, backend=backend
     )
-    out_specs = (seq, PartitionSpec(axis_name))
-    if key_padding_mask is None:
-        fn = jax.shard_map(
-            lambda q, k, v: body(q, k, v, None), mesh=mesh, in_specs=(seq, seq, seq), out_specs=out_specs
-        )
-        return fn(q, k, v)
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(seq, seq, seq, seq), out_specs=out_specs)
-    return fn(q, k, v, key_padding_mask)
+    extra = {"key_padding_mask": key_padding_mask, "document_ids": document_ids}
+    given = {name: x for name, x in extra.items() if x is not None}
+
+    def per_device(q, k, v, *rest):
+        return body(q, k, v, **dict(zip(given, rest, strict=True)))
+
+    fn = jax.shard_map(per_device, mesh=mesh, in_specs=(seq,) * (3 + len(given)),
+                       out_specs=(seq, PartitionSpec(axis_name)))  # fmt: skip
+    return fn(q, k, v, *given.values())
 
 
-def _prepare(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask, mesh, axis_name, load_balance):
+def _prepare(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask, document_ids, mesh, axis_name,
+             load_balance):  # fmt: skip
     """Validate a call; returns the arrays, the configuration and the plan (None: run improved)."""
     q, k, v = (as_array(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
     mask = as_array("key_padding_mask", key_padding_mask)
+    docs = as_array("document_ids", document_ids)
     cfg = validate(q, k, v, segment_lengths, dilation_rates, merge, mask)
+    check_document_ids(docs, q.shape[0], q.shape[1])
     load_balance = check_load_balance(load_balance)
+    if docs is not None and load_balance is not None:
+        raise ValueError(
+            f"document_ids with load_balance={load_balance!r}: the ring takes packed documents in the contiguous "
+            f"layout only; pass load_balance=None (packed documents are already spread over the devices)."
+        )
     if mesh is None:
-        return q, k, v, mask, cfg, None
+        return q, k, v, mask, docs, cfg, None
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh={mesh!r} should be a jax.sharding.Mesh (e.g. jax.make_mesh((P,), ('seq',))) or None.")
     if axis_name not in mesh.shape:
@@ -228,7 +420,7 @@ def _prepare(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask, 
         )
     n, num_devices = q.shape[1], mesh.shape[axis_name]
     if num_devices == 1 or n == 0:
-        return q, k, v, mask, cfg, None
+        return q, k, v, mask, docs, cfg, None
     if load_balance is None:
         padded = ring_padded_length(n, num_devices, cfg)
         if padded > n:  # the any-length rule: the padding is masked as keys and dropped as queries
@@ -236,9 +428,10 @@ def _prepare(q, k, v, segment_lengths, dilation_rates, merge, key_padding_mask, 
             q, k, v = (jnp.pad(x, extra + [(0, 0)] * 2) for x in (q, k, v))
             mask = jnp.zeros(q.shape[:1] + (n,), bool) if mask is None else mask
             mask = jnp.pad(mask, extra, constant_values=True)
+            docs = None if docs is None else jnp.pad(docs, extra, mode="edge")  # the last document goes on
         n = padded
     lay = ring_layout(n, num_devices, cfg, load_balance)  # raise before tracing, with the sharding named
-    return q, k, v, mask, cfg, lay
+    return q, k, v, mask, docs, cfg, lay
 
 
 def ring_dilated_attention(
@@ -256,6 +449,7 @@ def ring_dilated_attention(
     key_padding_mask: ArrayLike | None = None,
     implementation: str | Backend | None = None,
     load_balance: str | None = None,
+    document_ids: ArrayLike | None = None,
 ) -> Array:
     """Dilated attention with the sequence sharded over the ``axis_name`` axis of ``mesh`` (semantics 7).
 
@@ -284,15 +478,21 @@ def ring_dilated_attention(
         ordered) like the sequence and passed around with the key/value blocks.
       implementation: the attention kernel of every local block (see :func:`dilated_attention`).
       load_balance: ``None`` (contiguous chunks) or ``"zigzag"``.
+      document_ids: optional ``(b, n)`` integers, packed documents (semantics section 10: segments
+        and the dilation grid restart at every document; nothing is seen across documents), sharded
+        like the sequence; contiguous layout only. A group whose segments fit in a chunk exchanges
+        ``s`` positions with each neighbouring device; a longer group passes whole chunks of its
+        key/value heads to up to ``s / c`` devices each way and masks each tile by run (docs/ring.md).
 
     Returns:
       ``(b, n, h, d)`` in the dtype of ``q`` (in zigzag order under zigzag), sharded as
-      ``PartitionSpec(None, axis_name)`` on ``mesh`` when no padding was needed.
+      ``PartitionSpec(None, axis_name)`` on ``mesh`` when no padding was needed, replicated when it was.
 
     Raises:
       ValueError: the checks of :func:`dilated_attention`, an unknown ``axis_name`` or
-        ``load_balance``, and the sharding constraints of :func:`dilated_plan.ring_layout` (under
-        zigzag: ``n % 2P``, segments against the half-chunk, rates dividing it).
+        ``load_balance``, ``document_ids`` with ``load_balance="zigzag"``, and the sharding
+        constraints of :func:`dilated_plan.ring_layout` (under zigzag: ``n % 2P``, segments against
+        the half-chunk, rates dividing it).
 
     >>> q = k = v = jnp.ones((1, 64, 2, 8), jnp.float32)
     >>> mesh = jax.make_mesh((1,), ("seq",))
@@ -301,8 +501,13 @@ def ring_dilated_attention(
     """
     n = jnp.shape(q)[1]
     out, _ = _call(q, k, v, segment_lengths, dilation_rates, mesh, axis_name, is_causal, scale, merge,
-                   key_padding_mask, implementation, load_balance)  # fmt: skip
-    return out if out.shape[1] == n else out[:, :n]
+                   key_padding_mask, document_ids, implementation, load_balance)  # fmt: skip
+    if out.shape[1] == n:
+        return out
+    # n positions do not split evenly over the devices: the cut output is replicated (a mesh with
+    # explicit axes cannot hold it sharded along the sequence).
+    assert mesh is not None
+    return jax.sharding.reshard(out, NamedSharding(mesh, PartitionSpec()))[:, :n]
 
 
 def ring_tile_counts(
@@ -318,6 +523,7 @@ def ring_tile_counts(
     merge: str = "head_partition",
     key_padding_mask: ArrayLike | None = None,
     load_balance: str | None = None,
+    document_ids: ArrayLike | None = None,
 ) -> np.ndarray:
     """Tiles each device of ``axis_name`` computed in one call, counted by the program itself, ``(P,)``.
 
@@ -326,32 +532,23 @@ def ring_tile_counts(
     (:func:`dilated_plan.ring_tiles` is the plan's prediction).
     """
     _, counts = _call(q, k, v, segment_lengths, dilation_rates, mesh, axis_name, is_causal, None, merge,
-                      key_padding_mask, None, load_balance)  # fmt: skip
+                      key_padding_mask, document_ids, None, load_balance)  # fmt: skip
     return np.asarray(counts)
 
 
-def _call(q, k, v, segment_lengths, dilation_rates, mesh, axis_name, is_causal, scale, merge, mask, impl, balance):
-    q, k, v, mask, cfg, lay = _prepare(q, k, v, segment_lengths, dilation_rates, merge, mask, mesh, axis_name, balance)
+def _call(q, k, v, segment_lengths, dilation_rates, mesh, axis_name, is_causal, scale, merge, mask, docs, impl,
+          balance):  # fmt: skip
+    q, k, v, mask, docs, cfg, lay = _prepare(q, k, v, segment_lengths, dilation_rates, merge, mask, docs, mesh,
+                                             axis_name, balance)  # fmt: skip
     backend = resolve(impl)
     if lay is None:
         kw: dict[str, Any] = dict(segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates)
         kw.update(is_causal=is_causal, scale=scale, merge=merge, key_padding_mask=mask, implementation=backend)
-        return improved_dilated_attention(q, k, v, **kw), np.zeros(1, np.int32)
+        return improved_dilated_attention(q, k, v, document_ids=docs, **kw), np.zeros(1, np.int32)
     assert mesh is not None
     seq = NamedSharding(mesh, PartitionSpec(None, axis_name))
-    args = [q, k, v] + ([] if mask is None else [mask])
     # Onto the mesh, sharded along the sequence: a no-op when already so; under jit it is traced as a
     # transfer, so arrays committed to other devices are accepted too.
-    args = [jax.device_put(x, seq) for x in args]
-    return _ring(
-        args[0],
-        args[1],
-        args[2],
-        args[3] if mask is not None else None,
-        lay=lay,
-        mesh=mesh,
-        axis_name=axis_name,
-        is_causal=check_is_causal(is_causal),
-        scale=check_scale(scale),
-        backend=backend,
-    )
+    q, k, v, mask, docs = (None if x is None else jax.device_put(x, seq) for x in (q, k, v, mask, docs))
+    return _ring(q, k, v, mask, docs, lay=lay, mesh=mesh, axis_name=axis_name, is_causal=check_is_causal(is_causal),
+                 scale=check_scale(scale), backend=backend)  # fmt: skip
