@@ -212,7 +212,7 @@ def _document_local_group(q, k, v, valid, start, group_branches, *, lay: RingLay
     chunk and ``s`` positions on each side (``s`` before it only, under causal masking). The device
     receives those edges (keys, values, validity and document starts; its own queries only), runs
     the single-device packed-documents branch on the window and keeps its own rows. Positions
-    outside ``[0, n)`` are invalid keys, each its own document.
+    outside ``[0, n)`` are invalid keys of a document of their own (one before 0, one from ``n``).
     """
     b, c = q.shape[:2]
     s, p = lay.cfg.segment_lengths[group_branches[0].group], lay.num_devices
@@ -221,7 +221,7 @@ def _document_local_group(q, k, v, valid, start, group_branches, *, lay: RingLay
     device = jax.lax.axis_index(axis_name)
     pos = device * c - s + jnp.arange(c + (2 if right else 1) * s)
     real = (pos >= 0) & (pos < lay.n)
-    start_w = jnp.where(real[None], wide(start), pos[None])
+    start_w = jnp.where(real[None], wide(start), jnp.where(pos < 0, pos[0], lay.n)[None])
     valid_w = wide(valid) & real[None]
     zeros = jnp.zeros((b, s, *q.shape[2:]), q.dtype)
     q_w = jnp.concatenate([zeros, q] + ([zeros] if right else []), axis=1)
