@@ -10,7 +10,7 @@ not use it, so it checks the plan as well. docs/semantics.md states what the pla
 
 from dilated_plan.blocks import PATTERNS, BlockTables, block_budget, block_layout, block_tables, check_block_options
 from dilated_plan.config import MERGES, Branch, DilatedConfig, Heads, ModuleOptions, default_scale
-from dilated_plan.ring import ring_plan
+from dilated_plan.ring import ring_chunk_length, ring_padded_length, ring_plan
 
 __all__ = [
     "MERGES",
@@ -25,5 +25,7 @@ __all__ = [
     "block_tables",
     "check_block_options",
     "default_scale",
+    "ring_chunk_length",
+    "ring_padded_length",
     "ring_plan",
 ]

@@ -280,6 +280,22 @@ def ring_padded_length(n: int, num_devices: int, cfg: DilatedConfig, load_balanc
     return -(-n // (unit * cfg.period)) * unit * cfg.period  # every segment divides the part
 
 
+def ring_chunk_length(n: int, num_devices: int, cfg: DilatedConfig, load_balance: str | None = None) -> int:
+    """The chunk length ``c`` per device of the smallest valid ring plan holding ``n`` positions.
+
+    ``ring_padded_length(n, num_devices, cfg, load_balance) // num_devices``. The torch ring takes
+    any ``n`` under ``load_balance=None`` with this chunk: rank ``p`` holds positions
+    ``[p c, min((p + 1) c, n))`` (what ``x.split(c, dim=1)`` gives, empty chunks for the ranks past
+    the end) and pads its chunk itself, exactly.
+
+    >>> ring_chunk_length(50, 4, DilatedConfig((8, 16), (1, 2)))
+    16
+    >>> [min(16, max(0, 50 - p * 16)) for p in range(4)]  # the chunk lengths in rank order
+    [16, 16, 16, 2]
+    """
+    return ring_padded_length(n, num_devices, cfg, load_balance) // num_devices
+
+
 def ring_layout(
     n: int, num_devices: int, cfg: DilatedConfig, load_balance: str | None = None, unit: str = "devices"
 ) -> RingLayout:

@@ -2,9 +2,10 @@
 
 The mirror of ``jax_dilated/ring.py``; :func:`dilated_plan.ring_layout` is the plan.
 
-Every rank of the group holds ``c = n / P`` positions and returns the same positions of the output:
-rank ``p`` holds ``[p c, (p + 1) c)`` (``load_balance=None``) or half-chunks ``p`` and
-``2P - 1 - p`` (``"zigzag"``; reorder with :func:`to_zigzag`). Per attention branch:
+Every rank of the group holds a chunk of the positions and returns the same positions of the
+output: rank ``p`` holds ``[p c, min((p + 1) c, n))`` (``load_balance=None``, any ``n``: chunk
+lengths ``c, ..., c, t, 0, ..., 0``, padded by each rank to ``c`` and masked) or, with ``c = n / P``,
+half-chunks ``p`` and ``2P - 1 - p`` (``"zigzag"``; reorder with :func:`to_zigzag`). Per attention branch:
 
 * its segments fit in a part (a chunk, or a half-chunk under zigzag): the rank runs the improved
   branch locally;
@@ -34,13 +35,21 @@ from torch import nn
 from dilated_plan import Branch, DilatedConfig, default_scale
 from dilated_plan.checks import check_is_causal, check_scale
 from dilated_plan.config import kv_buckets
-from dilated_plan.ring import CAUSAL, RingLayout, check_load_balance, ring_layout, ring_padded_length
+from dilated_plan.ring import (
+    CAUSAL,
+    RingLayout,
+    check_load_balance,
+    ring_chunk_length,
+    ring_layout,
+    ring_padded_length,
+)
 from dilated_plan.ring import zigzag_inverse as _zigzag_inverse
 from dilated_plan.ring import zigzag_order as _zigzag_order
 from torch_ref.branches import _heads, branch_attention, combine_branches, dilate, merge_lse, undilate
 from torch_ref.checks import check_key_padding_mask, check_qkv
 from torch_ref.dilated import improved_dilated_attention
 from torch_ref.kernels import attend
+from torch_ref.kernels.plain import finite_keys
 
 Tensor = torch.Tensor
 
@@ -119,7 +128,14 @@ def _tile(sp: _Spec, qd: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, cau
 
 
 def _tile_grads(sp: _Spec, qd, k, v, valid, causal, lse, dout, delta) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of one tile from the merged log-sum-exp: ``P = exp(S - L)``, ``dS = P (dP - delta)``."""
+    """Gradients of one tile from the merged log-sum-exp: ``P = exp(S - L)``, ``dS = P (dP - delta)``.
+
+    Non-finite keys/values are zeroed first, as in the forward kernel (semantics section 11): one that
+    no row sees gives exactly the gradients of a finite one (its own ``dk, dv`` are 0). A row that sees
+    one keeps its NaN output and log-sum-exp (the forward's); the caller has zeroed its ``dout`` and
+    ``delta`` (it passes no gradient back, as autograd through the forward kernel, which fills it with
+    NaN), so ``P = 0`` and ``dS = 0`` there.
+    """
     acc = lse.dtype
     dqs, dks, dvs = [], [], []
     for qs, ks in _buckets(sp):
@@ -127,7 +143,8 @@ def _tile_grads(sp: _Spec, qd, k, v, valid, causal, lse, dout, delta) -> tuple[T
         mk, nk = k.shape[1], k[:, :, ks].shape[2]
         g = nq // nk
         qg = qd[:, :, qs].to(acc).reshape(b, m, nk, g, d)
-        kb, vb = k[:, :, ks].to(acc), v[:, :, ks].to(acc)
+        kb, vb, _ = finite_keys(k[:, :, ks], v[:, :, ks])  # as the forward kernel: no 0 * nan from unseen keys
+        kb, vb = kb.to(acc), vb.to(acc)
         s = torch.einsum("bqhgd,bkhd->bhgqk", qg, kb) * sp.scale
         visible = torch.ones(b, 1, 1, m, mk, dtype=torch.bool, device=qd.device)
         if causal:
@@ -156,6 +173,7 @@ class _RingBlocks(torch.autograd.Function):
         kv = torch.stack([kd, vd])
         held = None if valid is None else valid.to(torch.uint8)
         acc: list[Any] = [None] * lay.parts
+        poisoned: list[Any] = [None] * lay.parts  # rows that saw a non-finite key/value (NaN tile lse)
         for hop in range(m):
             if hop:
                 i = sp.position
@@ -170,8 +188,11 @@ class _RingBlocks(torch.autograd.Function):
                 o, l = _tile(sp, qd[:, qj], kv[0][:, kj], kv[1][:, kj],
                              None if held is None else held[:, kj].bool(), mode == CAUSAL)  # fmt: skip
                 acc[qj] = (o, l) if acc[qj] is None else merge_lse([acc[qj][0], o], [acc[qj][1], l])
+                poisoned[qj] = torch.isnan(l) if poisoned[qj] is None else poisoned[qj] | torch.isnan(l)
         out = torch.stack([a[0] for a in acc], dim=1)
-        lse = torch.stack([a[1] for a in acc], dim=1)
+        # A row that sees a non-finite key has a NaN log-sum-exp, as in one kernel call (merge_lse would
+        # turn it into that of the row's other tiles).
+        lse = torch.stack([a[1] for a in acc], dim=1).masked_fill(torch.stack(poisoned, dim=1), float("nan"))
         ctx.sp = sp
         ctx.save_for_backward(qd, kd, vd, valid, out, lse)
         return out, lse
@@ -181,10 +202,14 @@ class _RingBlocks(torch.autograd.Function):
         sp: _Spec = ctx.sp
         qd, kd, vd, valid, out, lse = ctx.saved_tensors
         acc = lse.dtype
-        dout = torch.zeros_like(out) if dout is None else dout.to(acc)
+        # Rows whose log-sum-exp is not finite pass no gradient back: no visible key (-inf: P = 0), or a
+        # non-finite key seen (NaN: the forward kernel fills the row with NaN, a constant, as autograd sees it).
+        live = torch.isfinite(lse)
+        dout = torch.zeros_like(out) if dout is None else torch.where(live[..., None], dout.to(acc), 0.0)
         delta = (dout * out).sum(-1)
         if dlse is not None:
             delta = delta - dlse.to(acc)
+        delta = torch.where(live, delta, 0.0)
         m = len(sp.ring)
         kv = torch.stack([kd, vd])
         held = None if valid is None else valid.to(torch.uint8)
@@ -247,6 +272,7 @@ def _group_size(group) -> int:
 
 _FIELDS = ("q shape", "k shape", "v shape", "key_padding_mask shape", "dtype", "segment_lengths/dilation_rates",
            "merge", "is_causal", "scale", "load_balance", "autograd", "input check")  # fmt: skip
+_SEQUENCE_FIELDS = ("q shape", "k shape", "v shape", "key_padding_mask shape")  # dim 1: the rank's chunk length
 
 
 def _fingerprint(q, k, v, mask, cfg_key, merge, is_causal, scale, load_balance, grad, error) -> list[list[int]]:
@@ -254,18 +280,33 @@ def _fingerprint(q, k, v, mask, cfg_key, merge, is_causal, scale, load_balance, 
         s = list(x.shape) if isinstance(x, Tensor) and x.ndim == size else [-1] * size
         return s + [-1] * (size - len(s))
 
-    def code(x) -> int:
-        return zlib.crc32(repr(x).encode())
-
     return [shape(q, 4), shape(k, 4), shape(v, 4), [-2, -2] if mask is None else shape(mask, 2),
-            [code(getattr(q, "dtype", None))], [code(cfg_key)], [code(merge)], [int(bool(is_causal))], [code(scale)],
-            [code(load_balance)], [int(grad)], [int(error is not None)]]  # fmt: skip
+            [_code(getattr(q, "dtype", None))], [_code(cfg_key)], [_code(merge)], [int(bool(is_causal))],
+            [_code(scale)], [_code(load_balance)], [int(grad)], [int(error is not None)]]  # fmt: skip
 
 
-def _agree(group, device, fields: list[list[int]], error: Exception | None) -> None:
+def _code(x) -> int:
+    return zlib.crc32(repr(x).encode())
+
+
+def _chunk_pattern_holds(lengths: list[int], contiguous: bool) -> bool:
+    """Contiguous: ``c, ..., c, t, 0, ..., 0`` with ``0 < t <= c`` (or all 0); zigzag: all equal."""
+    c = lengths[0]
+    if not contiguous or c <= 0:
+        return len(set(lengths)) == 1
+    n = sum(lengths)
+    return all(t == min(c, max(0, n - p * c)) for p, t in enumerate(lengths))
+
+
+def _agree(group, device, fields: list[list[int]], error: Exception | None) -> list[int]:
     """All-gather every rank's fingerprint; raise the same ValueError on every rank when they differ.
 
-    Runs before the first message of a call, so a disagreement is an error, never a hang.
+    The sequence dim (the chunk length) of the shapes is not compared: the chunk lengths in rank order
+    must be ``c, ..., c, t, 0, ..., 0`` (``0 < t <= c``) under ``load_balance=None`` and all equal under
+    zigzag. Runs before the first message of a call, so a disagreement is an error, never a hang.
+
+    Returns:
+      The chunk lengths of the ranks, in rank order (``-1`` for a rank whose ``q`` is not 4-D).
     """
     flat = [x for f in fields for x in f]
     mine = torch.tensor(flat, dtype=torch.int64, device=device)
@@ -273,27 +314,50 @@ def _agree(group, device, fields: list[list[int]], error: Exception | None) -> N
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     rows = [g.tolist() for g in gathered]
-    bounds, start = [], 0
-    for f in fields:
-        bounds.append((start, start + len(f)))
+    bounds, start = {}, 0
+    for name, f in zip(_FIELDS, fields, strict=True):
+        bounds[name] = (start, start + len(f))
         start += len(f)
-    bad = [name for name, (a, b) in zip(_FIELDS, bounds, strict=True) if len({tuple(r[a:b]) for r in rows}) > 1]
+
+    def field(row: list[int], name: str, compared: bool = False) -> tuple[int, ...]:
+        a, b = bounds[name]
+        got = tuple(row[a:b])
+        return got[:1] + got[2:] if compared and name in _SEQUENCE_FIELDS else got
+
+    lengths = [field(row, "q shape")[1] for row in rows]
     failed = [r for r, row in enumerate(rows) if row[-1]]
     if error is not None:
         raise error
     if failed:
         raise ValueError(f"ring attention: the inputs of rank(s) {failed} of the process group failed their checks "
                          f"(their error names the fix); every rank must pass valid inputs.")  # fmt: skip
+    bad = [name for name in _FIELDS if len({field(row, name, True) for row in rows}) > 1]
+    contiguous = all(field(row, "load_balance") == (_code(None),) for row in rows)
+    pattern = _chunk_pattern_holds(lengths, contiguous)
+    if not pattern:
+        with_mask = field(rows[0], "key_padding_mask shape") != (-2, -2)
+        seq = [name for name in _SEQUENCE_FIELDS if with_mask or name != "key_padding_mask shape"]
+        bad = [name for name in _FIELDS if name in bad or name in seq]
     if bad:
-        detail = "; ".join(
-            f"{name}: " + ", ".join(f"rank {r} {tuple(row[a:b])}" for r, row in enumerate(rows))
-            for name, (a, b) in zip(_FIELDS, bounds, strict=True)
-            if name in bad
-        )
-        raise ValueError(
-            f"ring attention: the ranks of the process group disagree on {', '.join(bad)} ({detail}); every rank "
-            f"must pass its chunk of the same shapes and the same configuration."
-        )
+        detail = "; ".join(f"{name}: " + ", ".join(f"rank {r} {field(row, name)}" for r, row in enumerate(rows))
+                           for name in bad)  # fmt: skip
+        if pattern:
+            why = "every rank must pass its chunk of the same shapes and the same configuration."
+        elif contiguous:
+            why = (
+                f"the chunk lengths in rank order, {tuple(lengths)}, are not c, ..., c, t, 0, ..., 0 with "
+                f"0 < t <= c (c = rank 0's chunk length): rank p must hold positions [p*c, min((p+1)*c, n)) of the "
+                f"sequence (x.split(c, dim=1), empty chunks for the ranks past the end), with a c whose c*P the ring "
+                f"plan accepts, e.g. c = dilated_plan.ring_chunk_length(n, P, cfg); the other dims must agree."
+            )
+        else:
+            why = (
+                f"under load_balance='zigzag' every rank holds n/P positions, but the chunk lengths in rank order "
+                f"are {tuple(lengths)}; the other dims must agree too."
+            )
+        raise ValueError(f"ring attention: the ranks of the process group disagree on {', '.join(bad)} ({detail}); "
+                         f"{why}")  # fmt: skip
+    return lengths
 
 
 def ring_dilated_attention(
@@ -312,28 +376,44 @@ def ring_dilated_attention(
 ) -> Tensor:
     """Dilated attention with the sequence split over the ranks of ``group`` (docs/semantics.md section 7).
 
-    Computes exactly :func:`torch_ref.dilated_attention` on the whole sequence of ``n = c * P``
-    positions, where rank ``p`` holds positions ``[p * c, (p + 1) * c)`` (``load_balance=None``) or
-    chunk ``p`` of :func:`to_zigzag` of the sequence (``"zigzag"``: half-chunks ``p`` and
-    ``2P - 1 - p``; causality and masks keep meaning original positions). Differentiable: the
-    backward of a spanning group replays the ring and sends ``dk, dv`` home.
+    Computes exactly :func:`torch_ref.dilated_attention` on the whole sequence of ``n`` positions.
+
+    * ``load_balance=None``, any ``n``: rank ``p`` holds positions ``[p c, min((p + 1) c, n))``, so
+      the chunk lengths in rank order are ``c, ..., c, t, 0, ..., 0`` with ``0 < t <= c`` (what
+      ``x.split(c, dim=1)`` gives, with empty chunks for the ranks past the end), ``c`` being rank
+      0's chunk length. ``c * P`` must be a length the ring plan accepts
+      (:func:`dilated_plan.ring_layout`); :func:`dilated_plan.ring_chunk_length` gives the smallest
+      ``c`` for ``n``. Each rank pads its chunk at its end to ``c``, masks the padding as keys and
+      returns its own ``t`` rows: exact (semantics section 10), since all padding lies after position
+      ``n``.
+    * ``"zigzag"``: every rank holds ``c = n / P`` positions, chunk ``p`` of :func:`to_zigzag` of the
+      sequence (half-chunks ``p`` and ``2P - 1 - p``; causality and masks keep meaning original
+      positions), and ``n`` must be a length the plan accepts (the error names the padded length).
+
+    Differentiable: the backward of a spanning group replays the ring and sends ``dk, dv`` home, so
+    every rank of the group must run the backward (a rank with an empty chunk too). Non-finite keys
+    or values that no row sees have no effect on the values or the gradients (semantics section 11).
 
     Args:
-      q: this rank's chunk ``(b, c, h, d)``; k, v: ``(b, c, h_kv, d)``, ``h`` a multiple of ``h_kv``.
+      q: this rank's chunk of the queries, ``(b, t, h, d)``; under zigzag ``t = c = n / P``.
+      k, v: this rank's chunks of the keys and values, ``(b, t, h_kv, d)``, ``h`` a multiple of ``h_kv``.
       segment_lengths, dilation_rates, is_causal, scale, merge: as in :func:`dilated_attention`.
       group: the ``torch.distributed`` process group; ``None`` uses the default group when
         ``torch.distributed`` is initialised and runs :func:`improved_dilated_attention` on the
         chunk (as the whole sequence) when it is not. A group of size 1 is improved as well.
-      key_padding_mask: optional ``(b, c)`` boolean chunk of the mask, True = padding.
+      key_padding_mask: optional ``(b, t)`` boolean chunk of the mask, True = padding (every rank
+        passes one, or none does).
       load_balance: ``None`` (contiguous chunks) or ``"zigzag"``.
 
     Returns:
-      This rank's chunk of the output, ``(b, c, h, d)`` in the dtype of ``q``.
+      This rank's chunk of the output, ``(b, t, h, d)`` in the dtype of ``q`` (the input chunk's length).
 
     Raises:
-      ValueError: the checks of :func:`dilated_attention` on the whole sequence, the sharding
-        constraints of :func:`dilated_plan.ring_layout` (with the padded length that would satisfy
-        them), and ranks that disagree on shapes or configuration (checked before any message).
+      ValueError: the checks of :func:`dilated_attention` on the chunk; chunk lengths that are not
+        ``c, ..., c, t, 0, ..., 0`` (zigzag: not all equal) and ranks that disagree on the other
+        shape dims or the configuration (all checked before any message, raised on every rank); a
+        ``c`` whose ``c * P`` the plan refuses (the message names ``c``, ``n`` and the chunk length
+        :func:`dilated_plan.ring_chunk_length` that works; zigzag: the padded length).
     """
     num = _group_size(group)
     if num == 1:
@@ -343,33 +423,51 @@ def ring_dilated_attention(
     group = dist.group.WORLD if group is None else group
     grad = torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in (q, k, v))
     error: Exception | None = None
-    lay = None
     try:
         load_balance = check_load_balance(load_balance)
         is_causal, scale = check_is_causal(is_causal), check_scale(scale)
         cfg = DilatedConfig(segment_lengths, dilation_rates, merge)
         check_qkv(q, k, v)
-        b, c, h, d = q.shape
-        n = c * num
+        b, t, h, d = q.shape
         cfg.check_heads(h)
-        check_key_padding_mask(key_padding_mask, b, c)
-        if n:
-            try:
-                lay = ring_layout(n, num, cfg, load_balance, unit="ranks")
-            except ValueError as e:
-                raise ValueError(
-                    f"{e} Or pad the whole sequence to n={ring_padded_length(n, num, cfg, load_balance)} "
-                    f"(dilated_plan.ring_padded_length) and mark the padding in key_padding_mask: the outputs at "
-                    f"real positions are exact."
-                ) from None
+        check_key_padding_mask(key_padding_mask, b, t)
     except (ValueError, TypeError) as e:
         error = e
     key = (tuple(segment_lengths) if isinstance(segment_lengths, Sequence) else segment_lengths,
            tuple(dilation_rates) if isinstance(dilation_rates, Sequence) else dilation_rates)  # fmt: skip
     fields = _fingerprint(q, k, v, key_padding_mask, key, merge, is_causal, scale, load_balance, grad, error)
-    _agree(group, q.device if isinstance(q, Tensor) else torch.device("cpu"), fields, error)
-    if lay is None:
+    lengths = _agree(group, q.device if isinstance(q, Tensor) else torch.device("cpu"), fields, error)
+    # Past here every rank has the same configuration and the same chunk lengths: what follows raises the
+    # same error on every rank, before any message.
+    n, c = sum(lengths), lengths[0]
+    if n == 0:
         return torch.zeros_like(q)
+    try:
+        lay = ring_layout(c * num, num, cfg, load_balance, unit="ranks")
+    except ValueError as e:
+        if load_balance is not None:
+            raise ValueError(
+                f"{e} Or pad the whole sequence to n={ring_padded_length(n, num, cfg, load_balance)} "
+                f"(dilated_plan.ring_padded_length) and mark the padding in key_padding_mask: the outputs at "
+                f"real positions are exact."
+            ) from None
+        good = ring_chunk_length(n, num, cfg)
+        raise ValueError(
+            f"ring attention: the ranks hold chunks of c={c} positions (rank 0's chunk length; n={n} positions in "
+            f"all over P={num} ranks), and c*P={c * num} is not a length the ring plan accepts ({e}) Use chunks of "
+            f"c={good} positions: rank p holds positions [p*{good}, min((p+1)*{good}, n)) (x.split({good}, dim=1), "
+            f"empty chunks for the ranks past the end); dilated_plan.ring_chunk_length(n={n}, {num}, cfg) = {good}."
+        ) from None
+    if c * num > n:  # the sequence ends before the last rank's chunk does: pad it at its end and mask the padding
+        if key_padding_mask is None:
+            key_padding_mask = torch.zeros(b, t, dtype=torch.bool, device=q.device)
+        if t < c:
+
+            def extend(x: Tensor, fill) -> Tensor:
+                return torch.cat([x, x.new_full((b, c - t, *x.shape[2:]), fill)], dim=1)
+
+            q, k, v = extend(q, 0.0), extend(k, 0.0), extend(v, 0.0)
+            key_padding_mask = extend(key_padding_mask, True)
     scale = default_scale(d, scale)
     rank = dist.get_rank(group)
     branches = cfg.branches(h)
@@ -394,7 +492,8 @@ def ring_dilated_attention(
                                     is_causal=bool(is_causal))  # fmt: skip
         outs.append(o)
         lses.append(l)
-    return combine_branches(cfg, branches, outs, lses).to(q.dtype)
+    out = combine_branches(cfg, branches, outs, lses).to(q.dtype)
+    return out if t == c else out[:, :t]
 
 
 class RingDilatedAttention(nn.Module):
@@ -407,8 +506,13 @@ class RingDilatedAttention(nn.Module):
       merge: ``"head_partition"`` or ``"lse"``.
       load_balance: ``None`` or ``"zigzag"`` (inputs in :func:`to_zigzag` order).
 
-    ``forward(q, k, v, is_causal=False, key_padding_mask=None)`` takes this rank's ``(b, c, h, d)``
-    (``k, v``: ``(b, c, h_kv, d)``) chunks and returns this rank's ``(b, c, h, d)`` chunk of the output.
+    ``forward(q, k, v, is_causal=False, key_padding_mask=None)`` takes this rank's chunks, ``q``
+    ``(b, t, h, d)``, ``k, v`` ``(b, t, h_kv, d)`` and ``key_padding_mask`` ``(b, t)`` (True = padding),
+    and returns this rank's ``(b, t, h, d)`` chunk of the output. Under ``load_balance=None`` the
+    sequence may have any length ``n``: rank ``p`` holds positions ``[p c, min((p + 1) c, n))`` (chunk
+    lengths ``c, ..., c, t, 0, ..., 0``, as ``x.split(c, dim=1)``), with ``c * P`` a length the ring
+    plan accepts, e.g. ``c = dilated_plan.ring_chunk_length(n, P, cfg)``; under zigzag every rank holds
+    ``n / P`` positions. See :func:`ring_dilated_attention`.
     """
 
     def __init__(
