@@ -12,14 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 from jax.sharding import Mesh
 
 import jax_dilated as jd
+import torch_ref as tr
 from dilated_plan import DilatedConfig
 from dilated_plan.ring import ring_tiles
 from jax_dilated.ring import ring_tile_counts
 from parity_tests import reference as ref
+from parity_tests.gloo import run_ranks
 
 
 def _mesh(p: int) -> Mesh:
@@ -148,3 +151,114 @@ def test_documents_with_zigzag_and_bad_ids_raise():
         jd.ring_dilated_attention(q, q, q, document_ids=jnp.zeros((1, 32), jnp.int32), load_balance="zigzag", **kw)
     with pytest.raises(ValueError, match="document_ids"):
         jd.ring_dilated_attention(q, q, q, document_ids=jnp.zeros((1, 31), jnp.int32), **kw)
+
+
+# torch: gloo processes on loopback, one spawn per world size running every case.
+
+# (n, segments, rates, causal, merge, h, h_kv, key padding, probability of a new document)
+TORCH_CASES = [
+    (64, (8, 16), (1, 2), False, "head_partition", 4, 2, True, 0.1),  # local groups: edges both ways
+    (64, (8, 16), (1, 2), True, "lse", 4, 2, False, 0.05),
+    (64, (8, 32), (1, 2), True, "head_partition", 4, 2, True, 0.05),  # spans two chunks
+    (64, (16, 64), (1, 4), False, "lse", 6, 2, True, 0.02),  # spans all ranks, both ways, 2 kv buckets
+    (50, (8, 32), (1, 2), True, "head_partition", 4, 2, True, 0.1),  # any length: chunks 16 16 16 2
+]
+
+_TORCH_WORKER = """
+from dilated_plan import DilatedConfig, ring_chunk_length
+for i, (n, seg, rates, causal, merge, h, h_kv, padding, _) in enumerate(cases):
+    c = ring_chunk_length(n, world, DilatedConfig(seg, rates, merge))
+    sl = slice(rank * c, min((rank + 1) * c, n))
+    q, k, v = (torch.as_tensor(data[f"{x}{i}"][:, sl]).requires_grad_() for x in "qkv")
+    mask = torch.as_tensor(data[f"mask{i}"][:, sl]) if padding else None
+    out = tr.ring_dilated_attention(q, k, v, segment_lengths=seg, dilation_rates=rates, is_causal=causal,
+                                    merge=merge, key_padding_mask=mask,
+                                    document_ids=torch.as_tensor(data[f"docs{i}"][:, sl]))
+    (out * torch.as_tensor(data[f"w{i}"][:, sl])).sum().backward()
+    results[f"out{i}"] = out.detach().numpy()
+    for x, t in zip("qkv", (q, k, v)):
+        results[f"d{x}{i}"] = t.grad.numpy()
+"""
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_torch_ring_documents_values_and_gradients(world):
+    rng = np.random.default_rng()
+    data = {}
+    for i, (n, _, _, _, _, h, h_kv, padding, change) in enumerate(TORCH_CASES):
+        data.update(zip((f"q{i}", f"k{i}", f"v{i}"), _qkv(rng, 2, n, h, h_kv, 3), strict=True))
+        data[f"mask{i}"] = rng.random((2, n)) < 0.2 if padding else np.zeros((2, n), bool)
+        data[f"docs{i}"] = _documents(rng, 2, n, change)
+        data[f"w{i}"] = rng.standard_normal((2, n, h, 3))
+    ranks = run_ranks(_TORCH_WORKER, world, data, TORCH_CASES)
+    for i, (_n, seg, rates, causal, merge, _, _, padding, _) in enumerate(TORCH_CASES):
+        q, k, v = (torch.as_tensor(data[f"{x}{i}"]).requires_grad_() for x in "qkv")
+        mask = torch.as_tensor(data[f"mask{i}"]) if padding else None
+        want = tr.improved_dilated_attention(
+            q,
+            k,
+            v,
+            segment_lengths=seg,
+            dilation_rates=rates,
+            is_causal=causal,
+            merge=merge,
+            key_padding_mask=mask,
+            document_ids=torch.as_tensor(data[f"docs{i}"]),
+        )
+        (want * torch.as_tensor(data[f"w{i}"])).sum().backward()
+        np.testing.assert_allclose(
+            np.asarray(want.detach()),
+            ref.dilated_attention(
+                data[f"q{i}"],
+                data[f"k{i}"],
+                data[f"v{i}"],
+                seg,
+                rates,
+                causal,
+                None,
+                merge,
+                None if mask is None else data[f"mask{i}"],
+                data[f"docs{i}"],
+            ),
+            rtol=0,
+            atol=1e-10,
+        )
+        for name, full in (("out", want.detach()), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
+            got = np.concatenate([r[f"{name}{i}"] for r in ranks], axis=1)
+            np.testing.assert_allclose(got, full.numpy(), rtol=0, atol=1e-10, err_msg=f"case {i} {name}")
+
+
+_MODULE_WORKER = """
+from dilated_plan import DilatedConfig, ring_chunk_length
+n, e, h = cases[0]
+c = ring_chunk_length(n, world, DilatedConfig((8, 32), (1, 2)))
+sl = slice(rank * c, min((rank + 1) * c, n))
+torch.manual_seed(0)
+mha = tr.RingMultiheadDilatedAttention(e, h, (8, 32), (1, 2), num_kv_heads=2, rope_theta=10000.0,
+                                       dtype=torch.float64)
+x = torch.as_tensor(data["x"][:, sl])
+docs = torch.as_tensor(data["docs"][:, sl])
+for name, ids in (("plain", None), ("packed", docs)):
+    results[name] = mha(x, is_causal=True, document_ids=ids).detach().numpy()
+for key, value in mha.state_dict().items():
+    results["param_" + key] = value.numpy()
+"""
+
+
+def test_torch_ring_module_rotary_positions_and_documents_equal_improved_module():
+    """Rotary positions are global on every rank (from each document's start with ``document_ids``)."""
+    rng = np.random.default_rng()
+    n, e, h = 50, 16, 4  # chunks 16 16 16 2
+    data = {"x": rng.standard_normal((2, n, e)), "docs": _documents(rng, 2, n, 0.05)}
+    ranks = run_ranks(_MODULE_WORKER, 4, data, [(n, e, h)])
+    improved = tr.ImprovedMultiheadDilatedAttention(
+        e, h, (8, 32), (1, 2), num_kv_heads=2, rope_theta=10000.0, dtype=torch.float64
+    )
+    improved.load_state_dict(
+        {k[len("param_") :]: torch.as_tensor(v) for k, v in ranks[0].items() if k.startswith("param_")}
+    )
+    x = torch.as_tensor(data["x"])
+    for name, ids in (("plain", None), ("packed", torch.as_tensor(data["docs"]))):
+        want = improved(x, is_causal=True, document_ids=ids).detach().numpy()
+        got = np.concatenate([r[name] for r in ranks], axis=1)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10, err_msg=name)

@@ -31,7 +31,7 @@ from torch_ref.decode import KVCache, dilated_attention_decode
 from torch_ref.dilated import dilated_attention, improved_dilated_attention
 from torch_ref.kernels import stats_dtype
 from torch_ref.layers import positions, rotary
-from torch_ref.ring import ring_dilated_attention
+from torch_ref.ring import ring_dilated_attention, ring_positions
 
 
 class MultiheadAttentionBase(nn.Module):
@@ -107,11 +107,15 @@ class MultiheadAttentionBase(nn.Module):
         k = self._project(self.k_proj, key, dtype).reshape(b, n, self.num_kv_heads, self.head_dim)
         v = self._project(self.v_proj, value, dtype).reshape(b, n, self.num_kv_heads, self.head_dim)
         if self.rope_theta is not None:
-            pos = positions(b, n, document_ids, device=query.device)
+            pos = self._positions(b, n, document_ids, query.device)
             q, k = rotary(q, pos, self.rope_theta), rotary(k, pos, self.rope_theta)
         p = self.dropout if self.training else 0.0
         o = self._attend(q, k, v, key_padding_mask, document_ids, check_is_causal(is_causal), p)
         return self._output(o.reshape(b, n, self.embed_dim), dtype)
+
+    def _positions(self, b: int, n: int, document_ids: Tensor | None, device) -> Tensor:
+        """``(b, n)`` rotary positions of the call's tokens (from each document's start)."""
+        return positions(b, n, document_ids, device=device)
 
     @staticmethod
     def _project(proj: nn.Linear, x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -248,10 +252,13 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
 class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
     """:class:`MultiheadDilatedAttention` whose core is :func:`torch_ref.ring_dilated_attention`.
 
-    Every rank of ``group`` passes its own chunk ``(b, n / P, E)`` of the sequence and gets its chunk
-    of the output. ``group=None`` uses the default process group, or, when ``torch.distributed`` is
-    not initialised, computes exactly :class:`ImprovedMultiheadDilatedAttention`. Ring attention has
-    no dropout: ``dropout`` must be 0. ``load_balance="zigzag"``: each rank passes its chunk of
+    Every rank of ``group`` passes its own chunk ``(b, t, E)`` of the sequence (the layout of
+    :func:`torch_ref.ring_dilated_attention`: rank ``p`` holds ``[p c, min((p + 1) c, n))``) and gets
+    its chunk of the output; ``key_padding_mask`` and ``document_ids`` are chunked the same way, and
+    rotary positions are global (from each document's start, :func:`torch_ref.ring.ring_positions`).
+    ``group=None`` uses the default process group, or, when ``torch.distributed`` is not initialised,
+    computes exactly :class:`ImprovedMultiheadDilatedAttention`. Ring attention has no dropout:
+    ``dropout`` must be 0. ``load_balance="zigzag"``: each rank passes its chunk of
     :func:`torch_ref.to_zigzag` of the sequence (no rotary embedding then).
     """
 
@@ -295,9 +302,11 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
 
         self.load_balance = check_load_balance(load_balance)
 
+    def _positions(self, b: int, n: int, document_ids: Tensor | None, device) -> Tensor:
+        """Global positions: this rank's chunk starts where the ranks before it end (:func:`ring_positions`)."""
+        return ring_positions(b, n, self.group, document_ids, device=device)
+
     def _attend(self, q, k, v, mask, docs, is_causal, p):
-        if docs is not None:
-            raise ValueError("RingMultiheadDilatedAttention takes no document_ids yet; pass document_ids=None.")
         cfg = self.config
         return ring_dilated_attention(
             q,
@@ -310,6 +319,7 @@ class RingMultiheadDilatedAttention(MultiheadDilatedAttention):
             key_padding_mask=mask,
             is_causal=is_causal,
             load_balance=self.load_balance,
+            document_ids=docs,
         )
 
 

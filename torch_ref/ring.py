@@ -46,7 +46,7 @@ from dilated_plan.ring import (
 from dilated_plan.ring import zigzag_inverse as _zigzag_inverse
 from dilated_plan.ring import zigzag_order as _zigzag_order
 from torch_ref.branches import _heads, branch_attention, combine_branches, dilate, merge_lse, undilate
-from torch_ref.checks import check_key_padding_mask, check_qkv
+from torch_ref.checks import check_document_ids, check_key_padding_mask, check_qkv
 from torch_ref.dilated import improved_dilated_attention
 from torch_ref.kernels import attend
 from torch_ref.kernels.plain import finite_keys
@@ -117,17 +117,22 @@ def _buckets(sp: _Spec):
     return [(slice(q[u], q[u + 1]), slice(kv[u], kv[u + 1])) for u in range(len(q) - 1)]
 
 
-def _tile(sp: _Spec, qd: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, causal: bool) -> tuple[Tensor, Tensor]:
-    """Forward of one tile ``(b, L, Hq, d)`` against ``(b, L, Hkv, d)``: output and log-sum-exp."""
+def _tile(sp, qd: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, causal: bool, ids=None) -> tuple[Tensor, Tensor]:
+    """Forward of one tile ``(b, L, Hq, d)`` against ``(b, L, Hkv, d)``: output and log-sum-exp.
+
+    ``ids``: optional ``(q_ids, kv_ids)`` run ids ``(b, L)`` (packed documents: a query sees a key of its run).
+    """
+    q_ids, kv_ids = (None, None) if ids is None else ids
     outs, lses = [], []
     for qs, ks in _buckets(sp):
-        o, l = attend(qd[:, :, qs], k[:, :, ks], v[:, :, ks], scale=sp.scale, is_causal=causal, kv_valid=valid)
+        o, l = attend(qd[:, :, qs], k[:, :, ks], v[:, :, ks], scale=sp.scale, is_causal=causal, kv_valid=valid,
+                      q_ids=q_ids, kv_ids=kv_ids)  # fmt: skip
         outs.append(o)
         lses.append(l)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def _tile_grads(sp: _Spec, qd, k, v, valid, causal, lse, dout, delta) -> tuple[Tensor, Tensor, Tensor]:
+def _tile_grads(sp, qd, k, v, valid, causal, lse, dout, delta, ids=None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one tile from the merged log-sum-exp: ``P = exp(S - L)``, ``dS = P (dP - delta)``.
 
     Non-finite keys/values are zeroed first, as in the forward kernel (semantics section 11): one that
@@ -151,6 +156,8 @@ def _tile_grads(sp: _Spec, qd, k, v, valid, causal, lse, dout, delta) -> tuple[T
             visible = visible & torch.ones(m, mk, dtype=torch.bool, device=qd.device).tril()
         if valid is not None:
             visible = visible & valid[:, None, None, None, :]
+        if ids is not None:
+            visible = visible & (ids[0][:, None, None, :, None] == ids[1][:, None, None, None, :])
         lg = lse[:, :, qs].reshape(b, m, nk, g).permute(0, 2, 3, 1)[..., None]
         ok = visible & torch.isfinite(lg)
         p = torch.where(ok, torch.exp(s - torch.where(torch.isfinite(lg), lg, torch.zeros_like(lg))), 0.0)
@@ -163,6 +170,35 @@ def _tile_grads(sp: _Spec, qd, k, v, valid, causal, lse, dout, delta) -> tuple[T
     return torch.cat(dqs, dim=2), torch.cat(dks, dim=2), torch.cat(dvs, dim=2)
 
 
+def _merge(acc: tuple | None, o: Tensor, l: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Online-softmax merge of one tile into ``(out, lse, poisoned)``; ``poisoned``: rows that saw a non-finite key."""
+    if acc is None:
+        return o, l, torch.isnan(l)
+    out, lse = merge_lse([acc[0], o], [acc[1], l])
+    return out, lse, acc[2] | torch.isnan(l)
+
+
+def _merged_lse(lse: Tensor, poisoned: Tensor) -> Tensor:
+    """A row that saw a non-finite key keeps a NaN log-sum-exp, as in one kernel call (the merge would turn
+    it into that of the row's other tiles)."""
+    return lse.masked_fill(poisoned, float("nan"))
+
+
+def _row_grads(out: Tensor, lse: Tensor, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``dout`` and ``delta = rowsum(dO O) - dL`` in the statistics dtype, 0 in rows with a non-finite lse.
+
+    Such rows pass no gradient back: no visible key (-inf: P = 0), or a non-finite key seen (NaN: the
+    forward kernel fills the row with NaN, a constant, as autograd sees it).
+    """
+    acc = lse.dtype
+    live = torch.isfinite(lse)
+    dout = torch.zeros_like(out) if dout is None else torch.where(live[..., None], dout.to(acc), 0.0)
+    delta = (dout * out).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
+    return dout, torch.where(live, delta, 0.0)
+
+
 class _RingBlocks(torch.autograd.Function):
     """The ring of one spanning branch: ``(b, parts, L, H, d)`` dilated blocks in, merged output and lse out."""
 
@@ -173,7 +209,6 @@ class _RingBlocks(torch.autograd.Function):
         kv = torch.stack([kd, vd])
         held = None if valid is None else valid.to(torch.uint8)
         acc: list[Any] = [None] * lay.parts
-        poisoned: list[Any] = [None] * lay.parts  # rows that saw a non-finite key/value (NaN tile lse)
         for hop in range(m):
             if hop:
                 i = sp.position
@@ -187,12 +222,9 @@ class _RingBlocks(torch.autograd.Function):
             for qj, kj, mode in sp.schedule(hop):
                 o, l = _tile(sp, qd[:, qj], kv[0][:, kj], kv[1][:, kj],
                              None if held is None else held[:, kj].bool(), mode == CAUSAL)  # fmt: skip
-                acc[qj] = (o, l) if acc[qj] is None else merge_lse([acc[qj][0], o], [acc[qj][1], l])
-                poisoned[qj] = torch.isnan(l) if poisoned[qj] is None else poisoned[qj] | torch.isnan(l)
+                acc[qj] = _merge(acc[qj], o, l)
         out = torch.stack([a[0] for a in acc], dim=1)
-        # A row that sees a non-finite key has a NaN log-sum-exp, as in one kernel call (merge_lse would
-        # turn it into that of the row's other tiles).
-        lse = torch.stack([a[1] for a in acc], dim=1).masked_fill(torch.stack(poisoned, dim=1), float("nan"))
+        lse = _merged_lse(torch.stack([a[1] for a in acc], dim=1), torch.stack([a[2] for a in acc], dim=1))
         ctx.sp = sp
         ctx.save_for_backward(qd, kd, vd, valid, out, lse)
         return out, lse
@@ -202,14 +234,7 @@ class _RingBlocks(torch.autograd.Function):
         sp: _Spec = ctx.sp
         qd, kd, vd, valid, out, lse = ctx.saved_tensors
         acc = lse.dtype
-        # Rows whose log-sum-exp is not finite pass no gradient back: no visible key (-inf: P = 0), or a
-        # non-finite key seen (NaN: the forward kernel fills the row with NaN, a constant, as autograd sees it).
-        live = torch.isfinite(lse)
-        dout = torch.zeros_like(out) if dout is None else torch.where(live[..., None], dout.to(acc), 0.0)
-        delta = (dout * out).sum(-1)
-        if dlse is not None:
-            delta = delta - dlse.to(acc)
-        delta = torch.where(live, delta, 0.0)
+        dout, delta = _row_grads(out, lse, dout, dlse)
         m = len(sp.ring)
         kv = torch.stack([kd, vd])
         held = None if valid is None else valid.to(torch.uint8)
@@ -264,25 +289,343 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, lay: RingLayout, 
     return undilate(out, local, b, 0.0), undilate(lse, local, b, float("-inf"))
 
 
+# Packed documents (contiguous layout): the mirror of the document functions of jax_dilated/ring.py.
+
+
+def _document_starts(ids: Tensor, rank: int, world: int, group) -> Tensor:
+    """The global first position of each position's document, ``(b, c)``, from this rank's ``ids`` ``(b, c)``.
+
+    A document is a maximal run of equal ids (semantics section 10). One all-gather of three integers
+    per row and rank (first id, last id, the last document start after the chunk's first position)
+    tells every rank where the documents of the ranks before it start.
+    """
+    b, c = ids.shape
+    ids = ids.to(torch.int64)
+    pos = rank * c + torch.arange(c, device=ids.device)
+    new = torch.zeros_like(ids, dtype=torch.bool)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    mine = torch.stack([ids[:, 0], ids[:, -1], torch.where(new, pos, -1).amax(dim=1)], dim=1)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    g = torch.stack(every)  # (P, b, 3)
+    first_new = torch.ones(world, b, dtype=torch.bool, device=ids.device)
+    first_new[1:] = g[1:, :, 0] != g[:-1, :, 1]
+    chunk_start = torch.arange(world, device=ids.device)[:, None] * c
+    last = torch.where(g[:, :, 2] >= 0, g[:, :, 2], torch.where(first_new, chunk_start, -1))  # (P, b)
+    earlier = last[:rank].amax(dim=0) if rank else torch.full((b,), -1, dtype=torch.int64, device=ids.device)
+    new[:, 0] = first_new[rank]
+    own = torch.cummax(torch.where(new, pos, -1), dim=1).values  # -1 until a document starts in the chunk
+    return torch.where(own >= 0, own, earlier[:, None])
+
+
+def _edges(x: Tensor, halo: int, prev: int | None, nxt: int | None, right: bool, group) -> list[Tensor]:
+    """The last ``halo`` positions of the rank before and, with ``right``, the first ``halo`` of the rank after.
+
+    Zeros where there is no such rank (the ends of the sequence); ``prev``/``nxt`` are global ranks.
+    """
+    wire = x.to(torch.uint8) if x.dtype == torch.bool else x  # gloo sends no bool
+    out = []
+    for part, send, recv in [(wire[:, -halo:], nxt, prev)] + ([(wire[:, :halo], prev, nxt)] if right else []):
+        got = _exchange([part], send_to=send, recv_from=recv, group=group)
+        out.append((got[0] if got else torch.zeros_like(part)).to(x.dtype))
+    return out
+
+
+class _Window(torch.autograd.Function):
+    """``(b, c, ...)`` -> ``(b, halo + c [+ halo], ...)``: the chunk between its neighbours' edges.
+
+    The backward sends the gradients of the edges back to the ranks they came from.
+    """
+
+    @staticmethod
+    def forward(ctx, x, halo: int, prev, nxt, right: bool, group):  # type: ignore[override]
+        ctx.args = (halo, prev, nxt, right, group)
+        left, *after = _edges(x, halo, prev, nxt, right, group)
+        return torch.cat([left, x, *after], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        halo, prev, nxt, right, group = ctx.args
+        c = grad.shape[1] - (2 if right else 1) * halo
+        dx = grad[:, halo : halo + c].clone()
+        got = _exchange([grad[:, :halo]], send_to=prev, recv_from=nxt, group=group)  # my tail, as the next rank saw it
+        if got:
+            dx[:, c - halo :] += got[0]
+        if right:
+            got = _exchange([grad[:, halo + c :]], send_to=nxt, recv_from=prev, group=group)
+            if got:
+                dx[:, :halo] += got[0]
+        return dx, None, None, None, None, None
+
+
+def _window_branch(q, k, v, valid, start, pos, br: Branch, *, scale: float, is_causal: bool, need_lse: bool):
+    """:func:`branch_attention` of packed documents on a window ``(b, W, ...)`` of global positions ``pos``.
+
+    Each document fragment of a row runs alone (boundaries read on the host, as
+    :func:`torch_ref.dilated_attention` does), front-padded by ``(pos - start) mod s`` masked positions so
+    that its segment grid is its document's. A run cut by the window's left edge is incomplete; the
+    caller drops its rows.
+    """
+    b = q.shape[0]
+    starts, where = start.tolist(), pos.tolist()
+    rows_o: list[Tensor] = []
+    rows_l: list[Tensor] = []
+    for row in range(b):
+        cuts = [0] + [i for i in range(1, len(where)) if starts[row][i] != starts[row][i - 1]] + [len(where)]
+        outs: list[Tensor] = []
+        lses: list[Tensor] = []
+        for a, e in zip(cuts[:-1], cuts[1:], strict=True):
+            lead = (where[a] - starts[row][a]) % br.segment
+
+            def frag(x: Tensor, fill, row=row, a=a, e=e, lead=lead) -> Tensor:
+                x = x[row : row + 1, a:e]
+                return torch.cat([x.new_full((1, lead, *x.shape[2:]), fill), x], dim=1) if lead else x
+
+            o, l = branch_attention(frag(q, 0.0), frag(k, 0.0), frag(v, 0.0), ~frag(valid, False), br, scale=scale,
+                                    is_causal=is_causal, dropout_p=0.0, need_lse=need_lse)  # fmt: skip
+            outs.append(o[:, lead:])
+            if l is not None:
+                lses.append(l[:, lead:])
+        rows_o.append(torch.cat(outs, dim=1))
+        if lses:
+            rows_l.append(torch.cat(lses, dim=1))
+    return torch.cat(rows_o), (torch.cat(rows_l) if rows_l else None)
+
+
+def _document_local_group(q, k, v, valid, start, group_branches, *, lay: RingLayout, rank: int, group, scale,
+                          is_causal, need_lse):  # fmt: skip
+    """The branches of one group whose segments fit in a chunk, on packed documents.
+
+    A (document, segment) run is at most ``s`` long, so every run that touches the chunk lies in the
+    window of the chunk and ``s`` positions on each side (before it only under causal masking): the
+    rank receives those edges of ``k``, ``v``, validity and document starts, runs the branches on the
+    window and keeps its own rows. Positions outside ``[0, n)`` are invalid keys of a document of their
+    own (one before 0, one from ``n``).
+    """
+    b, c = q.shape[:2]
+    s, p = lay.cfg.segment_lengths[group_branches[0].group], lay.num_devices
+    right = not is_causal
+    prev = dist.get_global_rank(group, rank - 1) if rank else None
+    nxt = dist.get_global_rank(group, rank + 1) if rank < p - 1 else None
+
+    def wide(x: Tensor) -> Tensor:
+        if x.is_floating_point():
+            return _Window.apply(x, s, prev, nxt, right, group)
+        left, *after = _edges(x, s, prev, nxt, right, group)
+        return torch.cat([left, x, *after], dim=1)
+
+    pos = rank * c - s + torch.arange(c + (2 if right else 1) * s, device=q.device)
+    real = (pos >= 0) & (pos < lay.n)
+    outside = torch.where(pos < 0, pos[0], lay.n)
+    start_w = torch.where(real[None], wide(start), outside[None])
+    valid_w = wide(valid) & real[None]
+    zeros = q.new_zeros(b, s, *q.shape[2:])
+    q_w = torch.cat([zeros, q] + ([zeros] if right else []), dim=1)
+    k_w, v_w = wide(k), wide(v)
+    outs, lses = [], []
+    for br in group_branches:
+        o, l = _window_branch(q_w, k_w, v_w, valid_w, start_w, pos, br, scale=scale, is_causal=is_causal,
+                              need_lse=need_lse)  # fmt: skip
+        outs.append(o[:, s : s + c])
+        lses.append(None if l is None else l[:, s : s + c])
+    return outs, lses
+
+
+@dataclasses.dataclass(frozen=True)
+class _DocSpec:
+    """The static part of one document ring (a branch longer than a chunk) on one rank."""
+
+    rank: int
+    ranks: tuple[int, ...]  # the global rank of every rank of the group
+    reach: int  # hops each way: a run spans at most s / c + 1 chunks
+    q_offsets: tuple[int, ...]
+    kv_offsets: tuple[int, ...]
+    scale: float
+    is_causal: bool
+    process_group: Any
+
+    def steps(self) -> tuple[int, ...]:
+        """Directions the blocks travel: from the ranks before (+1), and after (-1) unless causal."""
+        return (1,) if self.is_causal else (1, -1)
+
+    def hop(self, step: int) -> tuple[int, int]:
+        """``(send_to, recv_from)`` global ranks of one hop in direction ``step`` (a cycle over the group)."""
+        p = len(self.ranks)
+        return self.ranks[(self.rank + step) % p], self.ranks[(self.rank - step) % p]
+
+
+def _run_span(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Smallest and largest run id of the kept positions of a chunk, per row (run ids are non-negative)."""
+    return torch.where(ids >= 0, ids, torch.iinfo(ids.dtype).max).amin(dim=1), ids.amax(dim=1)
+
+
+def _meet(q_ids: Tensor, kv_ids: Tensor) -> bool:
+    """Whether a query chunk and a key chunk can share a run (their run-id ranges overlap in some row)."""
+    (q_lo, q_hi), (k_lo, k_hi) = _run_span(q_ids), _run_span(kv_ids)
+    return bool(((q_lo <= k_hi) & (k_lo <= q_hi)).any())
+
+
+class _DocumentRing(torch.autograd.Function):
+    """One branch longer than a chunk, on packed documents: whole chunks ``(b, c, H, d)`` in, output and lse out.
+
+    Forward: the stacked ``(k, v)`` chunk and its run ids hop ``reach`` times in each direction; a rank
+    computes the tile of a block from a rank in range whose runs can meet its own. Backward: the same
+    hops with a ``dk, dv`` accumulator travelling with each block, then one message home.
+    """
+
+    @staticmethod
+    def forward(ctx, qd, kd, vd, q_ids, kv_ids, sp: _DocSpec):  # type: ignore[override]
+        p = len(sp.ranks)
+        kv = torch.stack([kd, vd])
+        acc = _merge(None, *_tile(sp, qd, kv[0], kv[1], None, sp.is_causal, (q_ids, kv_ids)))
+        used = []
+        for step in sp.steps():
+            block, ids = kv, kv_ids
+            for hop in range(1, sp.reach + 1):
+                send, recv = sp.hop(step)
+                block, ids = _exchange([block, ids], send_to=send, recv_from=recv, group=sp.process_group)
+                if 0 <= sp.rank - step * hop < p and _meet(q_ids, ids):
+                    acc = _merge(acc, *_tile(sp, qd, block[0], block[1], None, False, (q_ids, ids)))
+                    used.append((step, hop))
+        out, lse = acc[0], _merged_lse(acc[1], acc[2])
+        ctx.sp, ctx.used = sp, used
+        ctx.save_for_backward(qd, kd, vd, q_ids, kv_ids, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        sp: _DocSpec = ctx.sp
+        qd, kd, vd, q_ids, kv_ids, out, lse = ctx.saved_tensors
+        dout, delta = _row_grads(out, lse, dout, dlse)
+        kv = torch.stack([kd, vd])
+        g_q, g_k, g_v = _tile_grads(sp, qd, kv[0], kv[1], None, sp.is_causal, lse, dout, delta, (q_ids, kv_ids))
+        dq, dkv = g_q, torch.stack([g_k, g_v])
+        p = len(sp.ranks)
+        for step in sp.steps():
+            block, ids = kv, kv_ids
+            travelling = torch.zeros_like(dkv)
+            for hop in range(1, sp.reach + 1):
+                send, recv = sp.hop(step)
+                block, ids, travelling = _exchange([block, ids, travelling], send_to=send, recv_from=recv,
+                                                   group=sp.process_group)  # fmt: skip
+                if (step, hop) in ctx.used:
+                    g_q, g_k, g_v = _tile_grads(sp, qd, block[0], block[1], None, False, lse, dout, delta, (q_ids, ids))
+                    dq = dq + g_q
+                    travelling = travelling + torch.stack([g_k, g_v])
+            # this rank holds the accumulator of the block of rank - step * reach: home it goes
+            home = (sp.ranks[(sp.rank - step * sp.reach) % p], sp.ranks[(sp.rank + step * sp.reach) % p])
+            dkv = dkv + _exchange([travelling], send_to=home[0], recv_from=home[1], group=sp.process_group)[0]
+        return dq.to(qd.dtype), dkv[0].to(kd.dtype), dkv[1].to(vd.dtype), None, None, None
+
+
+def _document_spanning_branch(q, k, v, valid, start, br: Branch, *, lay: RingLayout, rank: int, group, scale,
+                              is_causal):  # fmt: skip
+    """One branch whose segments are longer than a chunk, on packed documents (:class:`_DocumentRing`).
+
+    Each position's id is the first position of its (document, segment) run where the branch keeps it
+    (-1 for a query, -2 for a key it does not keep or that is padding), so a tile is masked by run.
+    Returns ``(b, c, heads, d)`` and ``(b, c, heads)``, heads in ``br.heads`` order.
+    """
+    b, c, h = q.shape[:3]
+    s = br.segment
+    buckets = kv_buckets(br.heads, h // k.shape[2])
+    q_heads = tuple(j for u in buckets for j in u.query_heads)
+    kv_heads = tuple(j for u in buckets for j in u.kv_heads)
+    qo, ko = [0], [0]
+    for u in buckets:
+        qo.append(qo[-1] + len(u.query_heads))
+        ko.append(ko[-1] + len(u.kv_heads))
+    rel = rank * c + torch.arange(c, device=q.device) - start
+    run = start + torch.div(rel, s, rounding_mode="floor") * s
+    kept = (rel % s) % br.rate == br.offset
+    q_ids = torch.where(kept, run, -1)
+    kv_ids = torch.where(kept & valid, run, -2)
+    ranks = tuple(dist.get_global_rank(group, r) for r in range(lay.num_devices))
+    sp = _DocSpec(rank, ranks, min(s // c, lay.num_devices - 1), tuple(qo), tuple(ko), scale, is_causal, group)
+    out, lse = _DocumentRing.apply(_heads(q, q_heads), _heads(k, kv_heads), _heads(v, kv_heads), q_ids, kv_ids, sp)
+    if len(buckets) > 1:
+        order = torch.argsort(torch.tensor(q_heads, device=q.device))
+        out, lse = out.index_select(2, order), lse.index_select(2, order)
+    return out, lse
+
+
+def _document_branches(q, k, v, key_padding_mask, document_ids, *, lay: RingLayout, rank: int, group, scale,
+                       is_causal) -> tuple[list[Tensor], list[Tensor | None]]:  # fmt: skip
+    """Every branch of a call with packed documents (contiguous layout): outputs and lses in branch order."""
+    cfg = lay.cfg
+    branches = cfg.branches(q.shape[2])
+    start = _document_starts(document_ids, rank, lay.num_devices, group)
+    valid = (
+        torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask
+    )
+    outs: list[Any] = [None] * len(branches)
+    lses: list[Any] = [None] * len(branches)
+    for g in range(cfg.num_groups):
+        idx = [i for i, br in enumerate(branches) if br.group == g]
+        if not idx:
+            continue
+        if cfg.segment_lengths[g] <= lay.chunk:
+            o, l = _document_local_group(q, k, v, valid, start, [branches[i] for i in idx], lay=lay, rank=rank,
+                                         group=group, scale=scale, is_causal=is_causal,
+                                         need_lse=cfg.merge == "lse")  # fmt: skip
+            for i, oi, li in zip(idx, o, l, strict=True):
+                outs[i], lses[i] = oi, li
+            continue
+        for i in idx:
+            outs[i], lses[i] = _document_spanning_branch(q, k, v, valid, start, branches[i], lay=lay, rank=rank,
+                                                         group=group, scale=scale, is_causal=is_causal)  # fmt: skip
+    return outs, lses
+
+
+def ring_positions(batch: int, t: int, group=None, document_ids: Tensor | None = None, device=None) -> Tensor:
+    """``(b, t)`` global position of every token of this rank's chunk, counted from its document's start.
+
+    The chunks follow :func:`ring_dilated_attention`'s contiguous layout (rank ``p`` holds
+    ``[p c, min((p + 1) c, n))``); one all-gather of the chunk lengths (and, with ``document_ids``
+    ``(b, t)``, of the documents' edges) tells each rank where its chunk starts. For rotary embeddings
+    of ring modules: every rank must call it. Without an initialised process group (or with a group
+    of size 1) it is :func:`torch_ref.layers.positions` of the chunk.
+    """
+    world = _group_size(group)
+    if world == 1:
+        from torch_ref.layers import positions
+
+        return positions(batch, t, document_ids, device=device)
+    group = dist.group.WORLD if group is None else group
+    mine = torch.tensor([t], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    rank, c = dist.get_rank(group), int(every[0].item())
+    pos = rank * c + torch.arange(c, device=device)
+    if document_ids is None:
+        return pos[:t].expand(batch, t)
+    last = document_ids[:, -1:] if t else document_ids.new_zeros(batch, 1)
+    ids = torch.cat([document_ids, last.expand(batch, c - t)], dim=1)  # padded like the ring pads its chunk
+    return (pos - _document_starts(ids, rank, world, group))[:, :t]
+
+
 def _group_size(group) -> int:
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
 
 
-_FIELDS = ("q shape", "k shape", "v shape", "key_padding_mask shape", "dtype", "segment_lengths/dilation_rates",
-           "merge", "is_causal", "scale", "load_balance", "autograd", "input check")  # fmt: skip
-_SEQUENCE_FIELDS = ("q shape", "k shape", "v shape", "key_padding_mask shape")  # dim 1: the rank's chunk length
+_FIELDS = ("q shape", "k shape", "v shape", "key_padding_mask shape", "document_ids shape", "dtype",
+           "segment_lengths/dilation_rates", "merge", "is_causal", "scale", "load_balance", "autograd",
+           "input check")  # fmt: skip
+# dim 1: the rank's chunk length
+_SEQUENCE_FIELDS = ("q shape", "k shape", "v shape", "key_padding_mask shape", "document_ids shape")
 
 
-def _fingerprint(q, k, v, mask, cfg_key, merge, is_causal, scale, load_balance, grad, error) -> list[list[int]]:
+def _fingerprint(q, k, v, mask, docs, cfg_key, merge, is_causal, scale, load_balance, grad, error) -> list[list[int]]:
     def shape(x, size):
         s = list(x.shape) if isinstance(x, Tensor) and x.ndim == size else [-1] * size
         return s + [-1] * (size - len(s))
 
     return [shape(q, 4), shape(k, 4), shape(v, 4), [-2, -2] if mask is None else shape(mask, 2),
-            [_code(getattr(q, "dtype", None))], [_code(cfg_key)], [_code(merge)], [int(bool(is_causal))],
-            [_code(scale)], [_code(load_balance)], [int(grad)], [int(error is not None)]]  # fmt: skip
+            [-2, -2] if docs is None else shape(docs, 2), [_code(getattr(q, "dtype", None))], [_code(cfg_key)],
+            [_code(merge)], [int(bool(is_causal))], [_code(scale)], [_code(load_balance)], [int(grad)],
+            [int(error is not None)]]  # fmt: skip
 
 
 def _code(x) -> int:
@@ -335,8 +678,8 @@ def _agree(group, device, fields: list[list[int]], error: Exception | None) -> l
     contiguous = all(field(row, "load_balance") == (_code(None),) for row in rows)
     pattern = _chunk_pattern_holds(lengths, contiguous)
     if not pattern:
-        with_mask = field(rows[0], "key_padding_mask shape") != (-2, -2)
-        seq = [name for name in _SEQUENCE_FIELDS if with_mask or name != "key_padding_mask shape"]
+        given = [name for name in _SEQUENCE_FIELDS if field(rows[0], name) != (-2, -2)]
+        seq = [name for name in _SEQUENCE_FIELDS if name in given]
         bad = [name for name in _FIELDS if name in bad or name in seq]
     if bad:
         detail = "; ".join(f"{name}: " + ", ".join(f"rank {r} {field(row, name)}" for r, row in enumerate(rows))
@@ -373,6 +716,7 @@ def ring_dilated_attention(
     merge: str = "head_partition",
     key_padding_mask: Tensor | None = None,
     load_balance: str | None = None,
+    document_ids: Tensor | None = None,
 ) -> Tensor:
     """Dilated attention with the sequence split over the ranks of ``group`` (docs/semantics.md section 7).
 
@@ -404,6 +748,10 @@ def ring_dilated_attention(
       key_padding_mask: optional ``(b, t)`` boolean chunk of the mask, True = padding (every rank
         passes one, or none does).
       load_balance: ``None`` (contiguous chunks) or ``"zigzag"``.
+      document_ids: optional ``(b, t)`` integer chunk of the packed documents (semantics section 10;
+        every rank passes one, or none does); contiguous layout only. Groups whose segments fit in a
+        chunk exchange ``s`` positions with the neighbouring ranks; longer groups pass whole chunks of
+        their key/value heads up to ``s / c`` ranks each way, masked by run (docs/ring.md).
 
     Returns:
       This rank's chunk of the output, ``(b, t, h, d)`` in the dtype of ``q`` (the input chunk's length).
@@ -419,7 +767,7 @@ def ring_dilated_attention(
     if num == 1:
         kw: dict[str, Any] = dict(segment_lengths=segment_lengths, dilation_rates=dilation_rates)
         kw.update(is_causal=is_causal, scale=scale, merge=merge, key_padding_mask=key_padding_mask)
-        return improved_dilated_attention(q, k, v, **kw)
+        return improved_dilated_attention(q, k, v, document_ids=document_ids, **kw)
     group = dist.group.WORLD if group is None else group
     grad = torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in (q, k, v))
     error: Exception | None = None
@@ -431,11 +779,18 @@ def ring_dilated_attention(
         b, t, h, d = q.shape
         cfg.check_heads(h)
         check_key_padding_mask(key_padding_mask, b, t)
+        check_document_ids(document_ids, b, t)
+        if document_ids is not None and load_balance is not None:
+            raise ValueError(
+                f"document_ids with load_balance={load_balance!r}: the ring takes packed documents in the contiguous "
+                f"layout only; pass load_balance=None (packed documents are already spread over the ranks)."
+            )
     except (ValueError, TypeError) as e:
         error = e
     key = (tuple(segment_lengths) if isinstance(segment_lengths, Sequence) else segment_lengths,
            tuple(dilation_rates) if isinstance(dilation_rates, Sequence) else dilation_rates)  # fmt: skip
-    fields = _fingerprint(q, k, v, key_padding_mask, key, merge, is_causal, scale, load_balance, grad, error)
+    fields = _fingerprint(q, k, v, key_padding_mask, document_ids, key, merge, is_causal, scale, load_balance, grad,
+                          error)  # fmt: skip
     lengths = _agree(group, q.device if isinstance(q, Tensor) else torch.device("cpu"), fields, error)
     # Past here every rank has the same configuration and the same chunk lengths: what follows raises the
     # same error on every rank, before any message.
@@ -468,9 +823,17 @@ def ring_dilated_attention(
 
             q, k, v = extend(q, 0.0), extend(k, 0.0), extend(v, 0.0)
             key_padding_mask = extend(key_padding_mask, True)
+            if document_ids is not None:  # the padding continues the last document (it is masked anyway)
+                last = document_ids[:, -1:] if t else document_ids.new_zeros(b, 1)
+                document_ids = torch.cat([document_ids, last.expand(b, c - t)], dim=1)
     scale = default_scale(d, scale)
     rank = dist.get_rank(group)
     branches = cfg.branches(h)
+    if document_ids is not None:
+        outs, lses = _document_branches(q, k, v, key_padding_mask, document_ids, lay=lay, rank=rank, group=group,
+                                        scale=scale, is_causal=bool(is_causal))  # fmt: skip
+        out = combine_branches(cfg, branches, outs, lses).to(q.dtype)
+        return out if t == c else out[:, :t]
     outs, lses = [], []
     for br in branches:
         if lay.local(br.group):
@@ -506,13 +869,14 @@ class RingDilatedAttention(nn.Module):
       merge: ``"head_partition"`` or ``"lse"``.
       load_balance: ``None`` or ``"zigzag"`` (inputs in :func:`to_zigzag` order).
 
-    ``forward(q, k, v, is_causal=False, key_padding_mask=None)`` takes this rank's chunks, ``q``
-    ``(b, t, h, d)``, ``k, v`` ``(b, t, h_kv, d)`` and ``key_padding_mask`` ``(b, t)`` (True = padding),
-    and returns this rank's ``(b, t, h, d)`` chunk of the output. Under ``load_balance=None`` the
-    sequence may have any length ``n``: rank ``p`` holds positions ``[p c, min((p + 1) c, n))`` (chunk
-    lengths ``c, ..., c, t, 0, ..., 0``, as ``x.split(c, dim=1)``), with ``c * P`` a length the ring
-    plan accepts, e.g. ``c = dilated_plan.ring_chunk_length(n, P, cfg)``; under zigzag every rank holds
-    ``n / P`` positions. See :func:`ring_dilated_attention`.
+    ``forward(q, k, v, is_causal=False, key_padding_mask=None, document_ids=None)`` takes this rank's
+    chunks, ``q`` ``(b, t, h, d)``, ``k, v`` ``(b, t, h_kv, d)``, ``key_padding_mask`` ``(b, t)`` (True
+    = padding) and ``document_ids`` ``(b, t)`` integers (packed documents), and returns this rank's
+    ``(b, t, h, d)`` chunk of the output. Under ``load_balance=None`` the sequence may have any length
+    ``n``: rank ``p`` holds positions ``[p c, min((p + 1) c, n))`` (chunk lengths ``c, ..., c, t, 0,
+    ..., 0``, as ``x.split(c, dim=1)``), with ``c * P`` a length the ring plan accepts, e.g. ``c =
+    dilated_plan.ring_chunk_length(n, P, cfg)``; under zigzag every rank holds ``n / P`` positions. See
+    :func:`ring_dilated_attention`.
     """
 
     def __init__(
@@ -535,7 +899,13 @@ class RingDilatedAttention(nn.Module):
         self.load_balance = check_load_balance(load_balance)
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, key_padding_mask: Tensor | None = None
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        is_causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         return ring_dilated_attention(
             q,
@@ -549,6 +919,7 @@ class RingDilatedAttention(nn.Module):
             merge=self.merge,
             key_padding_mask=key_padding_mask,
             load_balance=self.load_balance,
+            document_ids=document_ids,
         )
 
     def extra_repr(self) -> str:

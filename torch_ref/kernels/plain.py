@@ -66,6 +66,8 @@ def attend(
     is_causal: bool = False,
     kv_valid: Tensor | None = None,
     dropout_p: float = 0.0,
+    q_ids: Tensor | None = None,
+    kv_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention of every query over every key, with its log-sum-exp.
 
@@ -78,6 +80,8 @@ def attend(
       kv_valid: optional ``(B, mk)`` boolean, False for keys nobody may see.
       dropout_p: probability of dropping an attention weight (weights rescaled by
         ``1 / (1 - dropout_p)``; the log-sum-exp is that of the undropped weights).
+      q_ids, kv_ids: optional ``(B, m)`` and ``(B, mk)`` integers, given together: query ``i`` sees
+        key ``j`` only when ``q_ids[i] == kv_ids[j]`` (runs of packed documents in one row).
 
     Returns:
       ``out`` ``(B, m, h, d)`` in the statistics dtype (0 for a row with no visible key) and
@@ -95,6 +99,9 @@ def attend(
     if kv_valid is not None:
         kv = kv_valid[:, None, None, :]
         visible = kv if visible is None else visible & kv
+    if q_ids is not None and kv_ids is not None:
+        same = q_ids[:, None, :, None] == kv_ids[:, None, None, :]
+        visible = same if visible is None else visible & same
     if visible is not None:
         s = s.masked_fill(~visible, float("-inf"))
     row_max = s.amax(dim=-1, keepdim=True).detach()
