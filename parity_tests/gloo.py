@@ -39,6 +39,10 @@ try:
 
 _EPILOGUE = """
     np.savez(os.path.join(folder, f"out{rank}.npz"), **results)
+    # Every rank is done before any tears the group down: a rank that closes its gloo connections
+    # while a peer still uses them can abort the peer ("terminate called without an active exception").
+    import datetime
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
 finally:
     dist.destroy_process_group()
 """
