@@ -37,7 +37,6 @@ seq = NamedSharding(mesh, PartitionSpec(None, "seq"))
 keys = jax.random.split(jax.random.key(0), 3)
 q, k, v = (jax.device_put(jax.random.normal(kk, (b, n, h, d)), seq) for kk in keys)
 
-out_ring = jd.ring_dilated_attention(q, k, v, mesh=mesh, axis_name="seq", **cfg)
 with jax.default_matmul_precision("highest"):
     out_ring = jd.ring_dilated_attention(q, k, v, mesh=mesh, axis_name="seq", **cfg)
     out_ref = jd.improved_dilated_attention(jax.device_get(q), jax.device_get(k), jax.device_get(v), **cfg)
