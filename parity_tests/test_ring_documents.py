@@ -262,3 +262,33 @@ def test_torch_ring_module_rotary_positions_and_documents_equal_improved_module(
         want = improved(x, is_causal=True, document_ids=ids).detach().numpy()
         got = np.concatenate([r[name] for r in ranks], axis=1)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_jax_ring_long_row_kernel_path_inside_shard_map(documents):
+    """Tiles whose scores exceed ``Tiling.step_scores`` take the kernel's long-row path (loops over key
+    tiles); inside ``shard_map`` its loop carries must take the devices' varying type (this raised a
+    TypeError before). A tiny tiling forces the path at test sizes; values and gradients vs one device."""
+    from jax_dilated.kernels import Tiling, Xla
+
+    rng = np.random.default_rng()
+    n = 64
+    q, k, v = (jnp.asarray(x) for x in _qkv(rng, 1, n, 2, 2, 3))
+    docs = jnp.asarray(_documents(rng, 1, n, 0.05)) if documents else None
+    kw = dict(
+        segment_lengths=(8, 32),
+        dilation_rates=(1, 2),
+        is_causal=True,
+        document_ids=docs,
+        implementation=Xla(tiling=Tiling(step_scores=16, query_tile=4, key_tile=4)),
+    )
+    want = ref.dilated_attention(
+        q, k, v, (8, 32), (1, 2), True, None, "head_partition", None, None if docs is None else np.asarray(docs)
+    )
+    w = jnp.asarray(rng.standard_normal(q.shape))
+    ring = lambda *a: jd.ring_dilated_attention(*a, mesh=_mesh(4), **kw)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(ring(q, k, v)), want, rtol=0, atol=1e-10)
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(w * ring(*a)), argnums=(0, 1, 2)))(q, k, v)
+    single = jax.grad(lambda *a: jnp.sum(w * jd.dilated_attention(*a, **kw)), argnums=(0, 1, 2))(q, k, v)
+    for g, s in zip(got, single, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(s), rtol=0, atol=1e-10)

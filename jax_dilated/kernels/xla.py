@@ -409,6 +409,15 @@ class _LongRow(NamedTuple):
         return cut(self.k), cut(self.v), Mask(cut(self.valid), q_ids, k_ids), cut(self.bad)
 
 
+def _zero_like(*refs, dtype) -> Array:
+    """A scalar 0 computed from ``refs``: added to a loop's initial carry, it gives the carry the
+    ``shard_map`` varying axes of the values the loop body mixes in (a ring device's inputs), which
+    a fresh ``jnp.zeros`` lacks. Never NaN: it sums ``zeros_like`` of the inputs."""
+    refs = tuple(jax.random.key_data(r) if jnp.issubdtype(r.dtype, jax.dtypes.prng_key) else r
+                 for r in refs if r is not None)  # fmt: skip
+    return sum((jnp.zeros_like(r, dtype).sum() for r in refs), jnp.zeros((), dtype))
+
+
 def _long_forward_row(q, k, v, mask: Mask, key, heads, spec: _Spec):
     """One unit walked in tiles. q (g, m, d), k/v (mk, d), mask of (mk,) keys -> out (g, m, d), lse (g, m)."""
     acc = stats_dtype(q.dtype)
@@ -445,7 +454,9 @@ def _long_forward_row(q, k, v, mask: Mask, key, heads, spec: _Spec):
             return o, new_top, total, poisoned
 
         rows = (1, g * tq)
-        init = (jnp.zeros((*rows, d), acc), jnp.full(rows, -jnp.inf, acc), jnp.zeros(rows, acc), jnp.zeros(rows, bool))
+        z = _zero_like(qi, k, v, *mask, key, dtype=acc)
+        init = (jnp.zeros((*rows, d), acc) + z, jnp.full(rows, -jnp.inf, acc) + z, jnp.zeros(rows, acc) + z,
+                jnp.zeros(rows, bool) | (z != 0))  # fmt: skip
         o, top, total, poisoned = jax.lax.fori_loop(0, _key_tiles_needed(i, tq, tk, nk, mk, spec.is_causal), body, init)
         safe = jnp.where(total > 0, total, 1.0)
         lse = jnp.where(poisoned, jnp.nan, jnp.where(total > 0, jnp.log(safe) + top, -jnp.inf))
@@ -510,7 +521,8 @@ def _long_backward_row(q, k, v, mask: Mask, key, heads, lse, delta, do, spec: _S
             dk = dk + jnp.einsum("ukq,uqd->ukd", dst.astype(q.dtype), qi, preferred_element_type=acc)[0] * scale
             return dk, dv
 
-        return jax.lax.fori_loop(first, nq, body, (jnp.zeros((tk, d), acc), jnp.zeros((tk, d), acc)))
+        z = _zero_like(q, k, v, do, lse, delta, *mask, key, dtype=acc)
+        return jax.lax.fori_loop(first, nq, body, (jnp.zeros((tk, d), acc) + z, jnp.zeros((tk, d), acc) + z))
 
     def query_tile(i):  # dQ of query tile i
         keep_i = keep_row(i)
@@ -525,8 +537,9 @@ def _long_backward_row(q, k, v, mask: Mask, key, heads, lse, delta, do, spec: _S
             ds = p * (dp - di[..., None])
             return dq + jnp.einsum("uqk,ukd->uqd", ds.astype(k.dtype), kj, preferred_element_type=acc)[0] * scale
 
+        z = _zero_like(q, k, v, do, lse, delta, *mask, key, dtype=acc)
         dq = jax.lax.fori_loop(
-            0, _key_tiles_needed(i, tq, tk, nk, mk, spec.is_causal), body, jnp.zeros((g * tq, d), acc)
+            0, _key_tiles_needed(i, tq, tk, nk, mk, spec.is_causal), body, jnp.zeros((g * tq, d), acc) + z
         )
         return dq.reshape(g, tq, d)
 
