@@ -92,12 +92,15 @@ class Documents(NamedTuple):
 
     ``position`` ``(n,)``: the positions of the rows, ``0 .. n-1`` when None. A window of a longer
     sequence (a ring device's chunk with its neighbours' edges) passes its global positions and
-    starts; a (document, segment) run that begins before the window's first position is then not
-    laid out (it is cut, and its rows are the caller's to drop).
+    starts, and ``own``, the ``[from, to)`` row indices whose outputs it keeps: a (document, segment)
+    run that begins before the window's first position (it is cut) or cannot reach a kept row (it
+    starts after them or ends, at the latest ``s`` after its start, before them) is not laid out, so
+    the kernel does no work for it; its rows are the caller's to drop.
     """
 
     start: Array
     position: Array | None = None
+    own: tuple[int, int] | None = None
 
     @classmethod
     def from_ids(cls, document_ids: Array) -> Documents:
@@ -127,7 +130,11 @@ def _document_slots(docs: Documents, br: Branch, rows: int) -> tuple[Array, Arra
     kept = (rel % br.segment) % br.rate == br.offset
     segment = rel // br.segment
     if docs.position is not None:  # a run cut by the window's left edge is not laid out
-        kept = kept & (docs.start + segment * br.segment >= p[0])
+        run_start = docs.start + segment * br.segment
+        kept = kept & (run_start >= p[0])
+        if docs.own is not None:  # nor one that cannot reach the rows the caller keeps
+            lo, hi = docs.own
+            kept = kept & (run_start <= p[hi - 1]) & (run_start + br.segment > p[lo])
     first = jnp.concatenate(
         [jnp.ones_like(kept[:, :1]), (docs.start[:, 1:] != docs.start[:, :-1]) | (segment[:, 1:] != segment[:, :-1])],
         axis=1,

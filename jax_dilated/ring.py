@@ -226,7 +226,7 @@ def _document_local_group(q, k, v, valid, start, group_branches, *, lay: RingLay
     zeros = jnp.zeros((b, s, *q.shape[2:]), q.dtype)
     q_w = jnp.concatenate([zeros, q] + ([zeros] if right else []), axis=1)
     k_w, v_w = wide(k), wide(v)
-    docs = Documents(start_w, pos)
+    docs = Documents(start_w, pos, own=(s, s + c))  # runs that cannot reach the chunk are not computed
     outs, lses = [], []
     for br in group_branches:
         buckets = kv_buckets(br.heads, q.shape[2] // k.shape[2])
