@@ -19,6 +19,7 @@ The other modules, one concept each, imported in this order (none imports a late
 - ``report``   tables, figures, results.json/results.csv and REPORT.md;
 - ``cli``      the command line that ties them together;
 - ``ring_scaling`` ring attention on 1-8 simulated devices, through the same runner (``make figures``).
+- ``ring_documents`` what ``document_ids`` cost the ring (one process, run by hand; imports only ``runner``).
 
 Importing this package imports neither JAX nor torch: each case imports only its own framework,
 inside its own subprocess.
