@@ -178,6 +178,12 @@ for i, (n, seg, rates, causal, merge, h, h_kv, padding, _) in enumerate(cases):
     results[f"out{i}"] = out.detach().numpy()
     for x, t in zip("qkv", (q, k, v)):
         results[f"d{x}{i}"] = t.grad.numpy()
+x = torch.zeros(1, 16, 4, 2, dtype=torch.float64)
+try:  # only rank 0 passes document_ids: every rank raises, before any message
+    tr.ring_dilated_attention(x, x, x, segment_lengths=(8, 16), dilation_rates=(1, 2),
+                              document_ids=torch.zeros(1, 16, dtype=torch.int64) if rank == 0 else None)
+except ValueError as e:
+    results["mismatch"] = np.array(str(e))
 """
 
 
@@ -191,6 +197,7 @@ def test_torch_ring_documents_values_and_gradients(world):
         data[f"docs{i}"] = _documents(rng, 2, n, change)
         data[f"w{i}"] = rng.standard_normal((2, n, h, 3))
     ranks = run_ranks(_TORCH_WORKER, world, data, TORCH_CASES)
+    assert all("document_ids shape" in str(r["mismatch"]) for r in ranks), [r.get("mismatch") for r in ranks]
     for i, (_n, seg, rates, causal, merge, _, _, padding, _) in enumerate(TORCH_CASES):
         q, k, v = (torch.as_tensor(data[f"{x}{i}"]).requires_grad_() for x in "qkv")
         mask = torch.as_tensor(data[f"mask{i}"]) if padding else None
