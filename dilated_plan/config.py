@@ -11,7 +11,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from dilated_plan.checks import as_int_tuple, check_dropout_rate, check_heads, check_positive_int
 
@@ -268,6 +268,39 @@ def kv_buckets(heads: Sequence[int], group: int) -> tuple[KvBucket, ...]:
     for kv, queries in by_kv.items():
         by_size.setdefault(len(queries), []).append(kv)
     return tuple(KvBucket(tuple(j for kv in kvs for j in by_kv[kv]), tuple(kvs)) for _, kvs in sorted(by_size.items()))
+
+
+class StackedBuckets(NamedTuple):
+    """A branch's :func:`kv_buckets` laid end to end on the head axis (one array per tile, sliced per bucket).
+
+    ``query_heads``/``kv_heads``: the heads in bucket order; ``query_offsets``/``kv_offsets``: bucket
+    ``u`` is ``[offsets[u], offsets[u + 1])`` of them; ``order``: the permutation back to the branch's
+    head order (``stacked[:, :, order]``); ``many``: more than one bucket (else no reordering is needed).
+    """
+
+    query_heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    query_offsets: tuple[int, ...]
+    kv_offsets: tuple[int, ...]
+    order: tuple[int, ...]
+    many: bool
+
+
+def stacked_buckets(heads: Sequence[int], group: int) -> StackedBuckets:
+    """:func:`kv_buckets` of ``heads`` stacked (the ring's spanning branches keep every bucket in one block).
+
+    >>> stacked_buckets((3, 4, 5), group=4)[:5]
+    ((3, 4, 5), (0, 1), (0, 1, 3), (0, 1, 2), (0, 1, 2))
+    """
+    buckets = kv_buckets(heads, group)
+    q_heads = tuple(j for u in buckets for j in u.query_heads)
+    kv_heads = tuple(j for u in buckets for j in u.kv_heads)
+    q_offsets, kv_offsets = [0], [0]
+    for u in buckets:
+        q_offsets.append(q_offsets[-1] + len(u.query_heads))
+        kv_offsets.append(kv_offsets[-1] + len(u.kv_heads))
+    order = tuple(sorted(range(len(q_heads)), key=q_heads.__getitem__))
+    return StackedBuckets(q_heads, kv_heads, tuple(q_offsets), tuple(kv_offsets), order, len(buckets) > 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,7 @@ from jax.typing import ArrayLike
 
 from dilated_plan import Branch, default_scale
 from dilated_plan.checks import check_is_causal, check_scale
-from dilated_plan.config import kv_buckets
+from dilated_plan.config import kv_buckets, stacked_buckets
 from dilated_plan.ring import CAUSAL, SKIP, RingLayout, check_load_balance, ring_layout, ring_padded_length
 from dilated_plan.ring import zigzag_inverse as _zigzag_inverse
 from dilated_plan.ring import zigzag_order as _zigzag_order
@@ -94,12 +94,7 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, lay: RingLayout, 
     tiles this device computed (an int32 scalar; the plan's :meth:`RingLayout.tiles`).
     """
     b, h = q.shape[0], q.shape[2]
-    buckets = kv_buckets(br.heads, h // k.shape[2])
-    q_heads = tuple(j for u in buckets for j in u.query_heads)
-    kv_heads = tuple(j for u in buckets for j in u.kv_heads)
-    order = np.argsort(np.asarray(q_heads))  # back to br.heads order
-    qo = np.cumsum([0] + [len(u.query_heads) for u in buckets])
-    ko = np.cumsum([0] + [len(u.kv_heads) for u in buckets])
+    q_heads, kv_heads, qo, ko, order, many = stacked_buckets(br.heads, h // k.shape[2])
     parts, length = lay.parts, lay.part // br.rate
     local = dataclasses.replace(br, segment=lay.part)
 
@@ -112,7 +107,7 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, lay: RingLayout, 
 
     def tile(qj, kv, valid, kj, causal):
         outs, lses = [], []
-        for u in range(len(buckets)):
+        for u in range(len(qo) - 1):
             o, l = attend(
                 qd[:, qj, :, qo[u] : qo[u + 1]],
                 kv[0][:, kj, :, ko[u] : ko[u + 1]],
@@ -125,7 +120,7 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, lay: RingLayout, 
             assert l is not None  # need_lse defaults to True: the tiles merge by log-sum-exp
             outs.append(o)
             lses.append(l)
-        return (jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)) if len(buckets) > 1 else (o, l)
+        return (jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)) if many else (o, l)
 
     group = br.group
     table = lay.mode_table(group, is_causal)  # (P, hops + 1, parts, parts), static
@@ -167,8 +162,8 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, lay: RingLayout, 
     assert all(a is not None for a in acc)  # every part sees itself at hop 0
     out = jnp.stack([a[0] for a in acc], axis=1).reshape(b * parts, length, len(q_heads), -1)
     lse = jnp.stack([a[1] for a in acc], axis=1).reshape(b * parts, length, len(q_heads))
-    if len(buckets) > 1:
-        out, lse = jnp.take(out, order, axis=2), jnp.take(lse, order, axis=2)
+    if many:
+        out, lse = jnp.take(out, np.asarray(order), axis=2), jnp.take(lse, np.asarray(order), axis=2)
     return undilate(out, local, b, 0.0), undilate(lse, local, b, -jnp.inf), count
 
 
@@ -251,11 +246,7 @@ def _document_spanning_branch(q, k, v, valid, start, br: Branch, *, lay: RingLay
     """
     b, c, h = q.shape[:3]
     p, s = lay.num_devices, br.segment
-    buckets = kv_buckets(br.heads, h // k.shape[2])
-    q_heads = tuple(j for u in buckets for j in u.query_heads)
-    kv_heads = tuple(j for u in buckets for j in u.kv_heads)
-    qo = np.cumsum([0] + [len(u.query_heads) for u in buckets])
-    ko = np.cumsum([0] + [len(u.kv_heads) for u in buckets])
+    q_heads, kv_heads, qo, ko, order, many = stacked_buckets(br.heads, h // k.shape[2])
     device = jax.lax.axis_index(axis_name)
     rel = device * c + jnp.arange(c) - start
     run = start + (rel // s) * s
@@ -272,7 +263,7 @@ def _document_spanning_branch(q, k, v, valid, start, br: Branch, *, lay: RingLay
 
     def tile(kv, ids, causal):
         outs, lses = [], []
-        for u in range(len(buckets)):
+        for u in range(len(qo) - 1):
             o, l = attend(qh[:, :, qo[u] : qo[u + 1]], kv[0][:, :, ko[u] : ko[u + 1]], kv[1][:, :, ko[u] : ko[u + 1]],
                           scale=scale, is_causal=causal, q_ids=q_ids, kv_ids=ids, implementation=backend)  # fmt: skip
             assert l is not None
@@ -298,9 +289,8 @@ def _document_spanning_branch(q, k, v, valid, start, br: Branch, *, lay: RingLay
                 return o.astype(carry[0].dtype), l.astype(carry[1].dtype), carry[2] + 1
 
             out, lse, count = jax.lax.cond(meet, merge, lambda carry: carry, (out, lse, count))
-    order = np.argsort(np.asarray(q_heads))
-    if len(buckets) > 1:
-        out, lse = jnp.take(out, order, axis=2), jnp.take(lse, order, axis=2)
+    if many:
+        out, lse = jnp.take(out, np.asarray(order), axis=2), jnp.take(lse, np.asarray(order), axis=2)
     return out, lse, count
 
 

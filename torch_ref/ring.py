@@ -34,7 +34,7 @@ from torch import nn
 
 from dilated_plan import Branch, DilatedConfig, default_scale
 from dilated_plan.checks import check_is_causal, check_scale
-from dilated_plan.config import kv_buckets
+from dilated_plan.config import stacked_buckets
 from dilated_plan.ring import (
     CAUSAL,
     RingLayout,
@@ -263,9 +263,7 @@ class _RingBlocks(torch.autograd.Function):
 def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, lay: RingLayout, rank: int, group, scale, is_causal):
     """One branch whose segments span several parts; this rank's tensors ``(b, chunk, ...)``."""
     b, h = q.shape[0], q.shape[2]
-    buckets = kv_buckets(br.heads, h // k.shape[2])
-    q_heads = tuple(j for u in buckets for j in u.query_heads)
-    kv_heads = tuple(j for u in buckets for j in u.kv_heads)
+    q_heads, kv_heads, qo, ko, order, many = stacked_buckets(br.heads, h // k.shape[2])
     parts, length = lay.parts, lay.part // br.rate
     local = dataclasses.replace(br, segment=lay.part)
 
@@ -273,19 +271,15 @@ def _spanning_branch(q, k, v, key_padding_mask, br: Branch, *, lay: RingLayout, 
         return dilate(x, local).reshape(b, parts, length, *x.shape[2:])
 
     ring = lay.ring_of(br.group, rank)
-    qo, ko = [0], [0]
-    for u in buckets:
-        qo.append(qo[-1] + len(u.query_heads))
-        ko.append(ko[-1] + len(u.kv_heads))
     sp = _Spec(lay, br.group, rank, tuple(dist.get_global_rank(group, r) for r in ring), ring.index(rank),
-               tuple(qo), tuple(ko), scale, is_causal, group)  # fmt: skip
+               qo, ko, scale, is_causal, group)  # fmt: skip
     valid = None if key_padding_mask is None else ~dil(key_padding_mask)
     out, lse = _RingBlocks.apply(dil(_heads(q, q_heads)), dil(_heads(k, kv_heads)), dil(_heads(v, kv_heads)), valid, sp)
     out = out.reshape(b * parts, length, len(q_heads), -1)
     lse = lse.reshape(b * parts, length, len(q_heads))
-    if len(buckets) > 1:
-        order = torch.argsort(torch.tensor(q_heads, device=q.device))
-        out, lse = out.index_select(2, order), lse.index_select(2, order)
+    if many:
+        index = torch.tensor(order, device=q.device)
+        out, lse = out.index_select(2, index), lse.index_select(2, index)
     return undilate(out, local, b, 0.0), undilate(lse, local, b, float("-inf"))
 
 
@@ -528,24 +522,18 @@ def _document_spanning_branch(q, k, v, valid, start, br: Branch, *, lay: RingLay
     """
     b, c, h = q.shape[:3]
     s = br.segment
-    buckets = kv_buckets(br.heads, h // k.shape[2])
-    q_heads = tuple(j for u in buckets for j in u.query_heads)
-    kv_heads = tuple(j for u in buckets for j in u.kv_heads)
-    qo, ko = [0], [0]
-    for u in buckets:
-        qo.append(qo[-1] + len(u.query_heads))
-        ko.append(ko[-1] + len(u.kv_heads))
+    q_heads, kv_heads, qo, ko, order, many = stacked_buckets(br.heads, h // k.shape[2])
     rel = rank * c + torch.arange(c, device=q.device) - start
     run = start + torch.div(rel, s, rounding_mode="floor") * s
     kept = (rel % s) % br.rate == br.offset
     q_ids = torch.where(kept, run, -1)
     kv_ids = torch.where(kept & valid, run, -2)
     ranks = tuple(dist.get_global_rank(group, r) for r in range(lay.num_devices))
-    sp = _DocSpec(rank, ranks, min(s // c, lay.num_devices - 1), tuple(qo), tuple(ko), scale, is_causal, group)
+    sp = _DocSpec(rank, ranks, min(s // c, lay.num_devices - 1), qo, ko, scale, is_causal, group)
     out, lse = _DocumentRing.apply(_heads(q, q_heads), _heads(k, kv_heads), _heads(v, kv_heads), q_ids, kv_ids, sp)
-    if len(buckets) > 1:
-        order = torch.argsort(torch.tensor(q_heads, device=q.device))
-        out, lse = out.index_select(2, order), lse.index_select(2, order)
+    if many:
+        index = torch.tensor(order, device=q.device)
+        out, lse = out.index_select(2, index), lse.index_select(2, index)
     return out, lse
 
 
